@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Start the local two-node SLURM test cluster: munged, slurmctld and two slurmd (n1, n2) on
+# loopback, with partitions `low` (default, preemptible by requeue) and `high`.
+# Usage: bash slurm/cluster/start.sh [STATE_DIR]   (or set VITSCALE_SLURM_DIR)
+# Env: VITSCALE_SLURM_PORT (slurmctld port, slurmd use the next two; default 16817),
+#      VITSCALE_SLURM_GRACE (preemption grace seconds of `low`, default 30).
+# Prints the `export SLURM_CONF=...` line that the client commands need; also in STATE/env.sh.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/common.sh"
+
+for b in munged slurmctld slurmd slurmstepd sbatch srun scontrol squeue sinfo; do
+    command -v "$b" >/dev/null || { echo "error: $b not found; run slurm/cluster/install.sh as root" >&2; exit 2; }
+done
+
+# Already up (idempotent)?
+if [ -s "$STATE/run/slurmctld.pid" ] && kill -0 "$(cat "$STATE/run/slurmctld.pid")" 2>/dev/null \
+   && sinfo -h >/dev/null 2>&1; then
+    echo "export SLURM_CONF=$SLURM_CONF"
+    exit 0
+fi
+bash "$HERE/stop.sh" "$STATE" >/dev/null 2>&1 || true
+
+PORT="${VITSCALE_SLURM_PORT:-16817}"
+mkdir -p "$STATE"/{ctld,spool/n1,spool/n2,log,run,munge}
+chmod 700 "$STATE/munge"
+
+# munged with our own socket and a copy of the key, so nothing system-wide is touched.
+install -m 400 /etc/munge/munge.key "$STATE/munge/munge.key"
+munged --force --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/munge.key" \
+    --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
+    --seed-file="$STATE/munge/munged.seed"
+
+sed -e "s|@STATE@|$STATE|g" -e "s|@HOST@|$(hostname -s)|g" -e "s|@CTLD_PORT@|$PORT|g" \
+    -e "s|@N1_PORT@|$((PORT + 1))|g" -e "s|@N2_PORT@|$((PORT + 2))|g" \
+    -e "s|@CPUS@|$(nproc)|g" -e "s|@GRACE@|${VITSCALE_SLURM_GRACE:-30}|g" \
+    "$HERE/slurm.conf.in" > "$SLURM_CONF"
+echo "export SLURM_CONF=$SLURM_CONF" > "$STATE/env.sh"
+
+# -c: a fresh controller state each start, so old test jobs never come back.
+slurmctld -c -f "$SLURM_CONF"
+slurmd -N n1 -f "$SLURM_CONF"
+slurmd -N n2 -f "$SLURM_CONF"
+
+# Ready when both nodes answer and are idle.
+for i in $(seq 60); do
+    idle="$(sinfo -h -p low -t idle -o '%D' 2>/dev/null | head -1 || true)"
+    [ "$idle" = 2 ] && break
+    if [ "$i" = 10 ]; then scontrol update nodename=n1,n2 state=resume >/dev/null 2>&1 || true; fi
+    sleep 1
+done
+if [ "$(sinfo -h -p low -t idle -o '%D' 2>/dev/null | head -1)" != 2 ]; then
+    echo "error: nodes did not come up; see $STATE/log/" >&2
+    sinfo -N -l >&2 || true
+    exit 1
+fi
+echo "export SLURM_CONF=$SLURM_CONF"
