@@ -1,0 +1,254 @@
+"""Checkpoints in the run directory: complete or ignored, never half-trusted.
+
+Layout: `checkpoints/step-NNNNNNNN/` holds DeepSpeed's files (its own `latest` file is
+never written: we load by explicit tag), each rank's RNG state, our trainer state (step,
+samples seen, world size, data stream position, config fingerprint, EMA) and, written
+last by rank 0 after every rank has finished, `manifest.json` listing every file with its
+size. A folder without a manifest that matches the files on disk is incomplete (a kill
+mid-save) and is never resumed from. `checkpoints/latest` names the newest complete one and
+is replaced by atomic rename.
+
+Resuming on another world size goes through DeepSpeed's universal checkpoint: the folder
+is converted once (`universal/` inside it, guarded by its own marker) and loaded with
+`load_universal`. Weights then differ from a same-size run in the last bits (the gradient
+averaging changes), but the data position, step, schedule and optimizer moments carry
+over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.distributed import barrier
+from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from sharding.errors import UserError
+
+MANIFEST = "manifest.json"
+STATE_FILE = "trainer_state.pt"
+UNIVERSAL_DIR = "universal"
+_TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every: int = 1000  # save every N optimizer steps (0: only at the end and on a signal)
+    keep: int = 3  # complete checkpoints kept; older ones are deleted after a new one completes
+    resume: bool = True  # resume from the newest complete checkpoint in the run directory
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(_TAG_RE.match(tag).group(1))
+
+
+# --------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state as plain values, so torch.load(weights_only=True) can read it back.
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- manifest
+def _listing(folder: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.relative_to(folder).parts[0] == UNIVERSAL_DIR
+    }
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = _listing(folder)
+    body = {"step": step, "files": files, "bytes": sum(files.values())}
+    atomic_write_text(folder / MANIFEST, json.dumps(body, indent=1, sort_keys=True))
+
+
+def problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from, or None when its manifest matches the disk."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return "no manifest (interrupted while saving)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest: {e}"
+    for name, size in manifest.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            return f"missing {name}"
+        if p.stat().st_size != size:
+            return f"{name} is {p.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+@dataclasses.dataclass
+class Scan:
+    complete: list[Path]  # oldest first
+    incomplete: dict[Path, str]  # folder -> why
+
+    @property
+    def newest(self) -> Path | None:
+        return self.complete[-1] if self.complete else None
+
+
+def scan(root: Path) -> Scan:
+    complete, incomplete = [], {}
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and _TAG_RE.match(p.name)):
+            why = problem(folder)
+            if why is None:
+                complete.append(folder)
+            else:
+                incomplete[folder] = why
+    return Scan(complete, incomplete)
+
+
+# --------------------------------------------------------------------------- save / load
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every method is called on every rank."""
+
+    def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, world_size: int):
+        self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
+
+    def clean_incomplete(self) -> dict[Path, str]:
+        """Delete interrupted saves (reported), so a re-save of the same step starts clean."""
+        found = scan(self.root)
+        if self.rank == 0:
+            for folder, why in found.incomplete.items():
+                print(f"checkpoint: ignoring and removing {folder.name}: {why}", file=sys.stderr)
+                shutil.rmtree(folder, ignore_errors=True)
+            if self.root.is_dir():
+                remove_stale_temps(self.root)
+        barrier()
+        return found.incomplete
+
+    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
+        """Collective: DeepSpeed's shards, RNG per rank, our state, then the manifest."""
+        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
+
+        tag = tag_for(step)
+        folder = self.root / tag
+        if self.rank == 0 and folder.exists():  # left by a run that died while saving this step
+            shutil.rmtree(folder)
+        barrier()
+        # ZeRO-1/2 checkpoints need this marker for the universal (other world size) conversion.
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
+        with atomic_open(folder / f"rng-rank{self.rank:05d}.pt") as f:
+            torch.save(rng_state(), f)
+        if self.rank == 0:
+            with atomic_open(folder / STATE_FILE) as f:
+                torch.save({**state, "world_size": self.world_size}, f)
+        barrier()  # every rank's files are on disk before the manifest vouches for them
+        if self.rank == 0:
+            write_manifest(folder, step)
+            atomic_write_text(self.root / "latest", tag + "\n")
+            self._prune()
+        barrier()
+        return folder
+
+    def _prune(self) -> None:
+        complete = scan(self.root).complete
+        for old in complete[: max(len(complete) - self.cfg.keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def read_state(folder: Path) -> dict[str, Any]:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def prepare_universal(self, folder: Path) -> Path:
+        """Convert `folder` to DeepSpeed's world-size independent layout (rank 0, once)."""
+        out = folder / UNIVERSAL_DIR
+        done = out / ".complete"
+        if self.rank == 0 and not done.exists():
+            from deepspeed.checkpoint import ds_to_universal
+
+            shutil.rmtree(out, ignore_errors=True)
+            args = ds_to_universal_args(folder, out)
+            ds_to_universal.main(args)
+            atomic_write_text(done, "ok\n")
+        barrier()
+        return out
+
+    def load(self, engine, folder: Path, *, universal: bool) -> dict[str, Any]:
+        """Restore engine (weights, optimizer, schedule) and, at the same world size, RNG."""
+        load_dir, tag = (folder, UNIVERSAL_DIR) if universal else (self.root, folder.name)
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"{folder}: DeepSpeed could not load this checkpoint")
+        state = self.read_state(folder)
+        rng_file = folder / f"rng-rank{self.rank:05d}.pt"
+        if not universal and rng_file.exists():
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        return state
+
+
+def ds_to_universal_args(src: Path, out: Path):
+    import argparse
+
+    return argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any], allowed: tuple[str, ...]) -> list[str]:
+    """Dotted keys whose values differ between two resolved configs, minus allowed prefixes."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    a, b = flat(saved), flat(current)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    return [k for k in keys if not any(k == p or k.startswith(p + ".") for p in allowed)]
+
+
+def file_digest(path: Path) -> str:
+    """A short content hash of a small file (the dataset's dataset.json)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else "absent"
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+

@@ -1,0 +1,157 @@
+"""Where this process sits in the job, and the process group that connects it.
+
+One entry point runs unchanged under `torchrun` / the `deepspeed` launcher (they export
+RANK and WORLD_SIZE, read first), under `srun` (SLURM_PROCID / SLURM_LOCALID /
+SLURM_STEP_NUM_TASKS: the job-wide SLURM_NTASKS is also visible to a batch shell that is
+not a step, so it must not be read), or as one plain process. gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import socket
+import subprocess
+from typing import Mapping
+
+import torch
+
+from sharding.errors import UserError
+
+# Ports derived from the SLURM job id fall in this range, clear of the ephemeral ports.
+_PORT_BASE, _PORT_SPAN = 20000, 20000
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # 'torchrun' | 'srun' | 'single'
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise UserError(f"environment variable {key}={env[key]!r} is not an integer") from None
+
+
+def _scontrol(*args: str) -> str:
+    try:
+        return subprocess.run(["scontrol", *args], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserError(f"`scontrol {' '.join(args)}` failed: {e}") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list such as `gpu[003-010],gpu012`."""
+    return _scontrol("show", "hostnames", nodelist).split()[0]
+
+
+def resolve_node_addr(host: str) -> str:
+    """`host` itself when it resolves; otherwise its NodeAddr as slurmctld knows it."""
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        match = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", host))
+        if not match:
+            raise UserError(f"cannot resolve SLURM node {host!r} and scontrol reports no NodeAddr") from None
+        return match.group(1)
+
+
+def slurm_port(job_id: str) -> int:
+    # Every task of the job computes the same port without talking to the others.
+    return _PORT_BASE + int(re.sub(r"\D", "", job_id) or 0) % _PORT_SPAN
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect(env: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables; never guesses a world size from job-wide settings."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=_int(env, "RANK"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            world_size=_int(env, "WORLD_SIZE"),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise UserError("inside a SLURM step but neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")
+        return DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            world_size=_int(env, "SLURM_STEP_NUM_TASKS"),
+            master_addr=env.get("MASTER_ADDR") or resolve_node_addr(first_host(nodelist)),
+            master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env.get("SLURM_JOB_ID", "0")),
+            launcher="srun",
+        )
+    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(), launcher="single")
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def device(dist_env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env.local_rank)
+        return torch.device("cuda", dist_env.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(dist_env: DistEnv, timeout_s: float) -> None:
+    """Join the job's process group (DeepSpeed's helper, so its comm layer knows it)."""
+    import deepspeed
+
+    # DeepSpeed and torch.distributed read these; srun and single runs do not export them.
+    os.environ.update(
+        RANK=str(dist_env.rank),
+        LOCAL_RANK=str(dist_env.local_rank),
+        WORLD_SIZE=str(dist_env.world_size),
+        MASTER_ADDR=dist_env.master_addr,
+        MASTER_PORT=str(dist_env.master_port),
+    )
+    deepspeed.init_distributed(
+        dist_backend=backend(),
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=dist_env.rank,
+        world_size=dist_env.world_size,
+    )
+
+
+def all_reduce_flags(*flags: bool | float) -> list[float]:
+    """Element-wise max of small per-rank flags, so every rank takes the same decision."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
