@@ -1,0 +1,125 @@
+"""`vit-inspect`: the paper's Section 4.5 figures for any checkpoint, plus an HTML page.
+
+    vit-inspect RUN_DIR_OR_WEIGHTS [--images DIR_OR_SHARDS] [--model NAME] --out DIR
+
+Writes into DIR: `filters.png` (patch-embedding principal components), `posemb_similarity.png`,
+`attention_distance.png`, `attention_rollout.png`, `inspection.json` (the numbers behind the
+figures) and `index.html` showing them with the run's config and results table.
+`write_report(model, images, out_dir)` is the same thing as a function (the demo calls it).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from pretrain import inspect_figures as figures
+from pretrain.inspect_attention import attention_maps, attention_rollout, mean_attention_distance, output_token_map
+from pretrain.inspect_embeddings import filter_components, posemb_similarity
+from sharding.atomic import atomic_write_text
+from sharding.errors import UserError, cli_entry
+
+# How many images go into the attention statistics and how many get a rollout overlay.
+ATTENTION_SAMPLE = 32
+ROLLOUT_SHOWN = 8
+
+
+def _grid(model: nn.Module) -> tuple[int, int]:
+    grid = getattr(model, "grid_size", None) or model.patch_embed.grid_size
+    return (grid, grid) if isinstance(grid, int) else tuple(grid)
+
+
+def _patch_size(model: nn.Module) -> int:
+    size = getattr(getattr(model, "cfg", None), "patch_size", None) or model.patch_embed.patch_size
+    return size if isinstance(size, int) else size[0]
+
+
+def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The arrays behind every figure, for `images` already normalised for the model."""
+    grid, prefix = _grid(model), model.num_prefix_tokens
+    out: dict[str, torch.Tensor] = {}
+    proj = model.patch_embed.proj.weight
+    if proj.shape[1] == 3:  # a hybrid's 1x1 projection of ResNet features has no RGB filters
+        out["filters"] = filter_components(proj)
+    if getattr(model, "pos_embed", None) is not None:
+        out["posemb_similarity"] = posemb_similarity(model.pos_embed, grid, prefix)
+    maps = attention_maps(model, images[:ATTENTION_SAMPLE])
+    out["attention_distance"] = torch.stack(
+        [mean_attention_distance(a, grid, prefix, _patch_size(model)) for a in maps])  # (depth, heads)
+    shown = [a[:ROLLOUT_SHOWN] for a in maps]
+    out["rollout"] = output_token_map(attention_rollout(shown), grid, prefix)            # (b, gh, gw)
+    return out
+
+
+def _results_table(results: dict[str, Any] | list | None) -> str:
+    if not results:
+        return "<p>No results recorded.</p>"
+    rows = results if isinstance(results, list) else [{"metric": k, "value": v} for k, v in results.items()]
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def write_report(model: nn.Module, images: torch.Tensor, out_dir: str | Path, *,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 title: str = "ViT inspection", config_text: str | None = None,
+                 results: dict[str, Any] | list | None = None, captions: list[str] | None = None) -> Path:
+    """Write the figures, their numbers and `index.html` into `out_dir`; returns the page.
+
+    `images` (B, 3, H, W) are normalised for the model with `mean`/`std` (undone for display);
+    `config_text` and `results` (a metric -> value mapping or a list of row dicts) are shown
+    on the page when given.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = inspect_model(model, images)
+    img_size = images.shape[-1]
+
+    sections: list[tuple[str, str, str]] = []  # (title, file, caption)
+    if "filters" in data:
+        figures.plot_filters(data["filters"], out / "filters.png")
+        sections.append(("Embedding filters", "filters.png",
+                         "Principal components of the linear patch-embedding filters (paper Fig. 7, left)."))
+    if "posemb_similarity" in data:
+        figures.plot_posemb_similarity(data["posemb_similarity"], out / "posemb_similarity.png")
+        sections.append(("Position embeddings", "posemb_similarity.png",
+                         "Cosine similarity of each patch's position embedding with all others (Fig. 7, centre)."))
+    figures.plot_attention_distance(data["attention_distance"], out / "attention_distance.png", img_size)
+    sections.append(("Mean attention distance", "attention_distance.png",
+                     f"Per head and layer, averaged over {min(len(images), ATTENTION_SAMPLE)} images (Fig. 7, right)."))
+    shown = images[:ROLLOUT_SHOWN]
+    display = shown * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    figures.plot_rollout(display, data["rollout"], out / "attention_rollout.png",
+                         captions[:ROLLOUT_SHOWN] if captions else None)
+    sections.append(("Attention rollout", "attention_rollout.png",
+                     "Attention from the output token to the input space (Fig. 6)."))
+
+    numbers = {k: v.tolist() for k, v in data.items() if k not in ("filters", "rollout")}
+    numbers["grid"] = list(_grid(model))
+    numbers["patch_size"] = _patch_size(model)
+    atomic_write_text(out / "inspection.json", json.dumps(numbers))
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", "<h2>Results</h2>", _results_table(results)]
+    for head, file, caption in sections:
+        parts.append(f"<h2>{head}</h2><img src='{file}' alt='{head}'><p>{html.escape(caption)}</p>")
+    if config_text:
+        parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    atomic_write_text(page, "\n".join(parts))
+    return page
