@@ -48,7 +48,9 @@ def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
     if proj.shape[1] == 3:  # a hybrid's 1x1 projection of ResNet features has no RGB filters
         out["filters"] = filter_components(proj)
     if getattr(model, "pos_embed", None) is not None:
-        out["posemb_similarity"] = posemb_similarity(model.pos_embed, grid, prefix)
+        # big_vision's layout has no class-token row even when the model has a class token.
+        posemb_prefix = model.pos_embed.shape[1] - grid[0] * grid[1]
+        out["posemb_similarity"] = posemb_similarity(model.pos_embed, grid, posemb_prefix)
     maps = attention_maps(model, images[:ATTENTION_SAMPLE])
     out["attention_distance"] = torch.stack(
         [mean_attention_distance(a, grid, prefix, _patch_size(model)) for a in maps])  # (depth, heads)
