@@ -1,0 +1,181 @@
+"""Image transforms of the paper's recipes, on PIL images, driven by an explicit random generator.
+
+Training: Inception crop (random area in [min_area, 1] of the image, aspect ratio in [3/4, 4/3],
+as the official ViT code with min area 5%, not torchvision's 8%), resize to the model size,
+horizontal flip, optionally RandAugment (AugReg). Evaluation: resize the shorter side, centre
+crop. Normalisation happens on the batch tensor (`normalize`): to [-1, 1] by default.
+
+Every random choice comes from the `numpy.random.Generator` passed in, which the stream seeds
+per sample slot; so an augmented sample is the same however the run was cut into pieces.
+JPEGs are decoded at reduced size (PIL `draft`, DCT scaling) whenever the crop still covers
+the output at full resolution, which is most of the time for large source images.
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+MAX_PIXELS = 89_478_485  # PIL's own bomb threshold, checked from the header before decoding
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A lazily-decoded image; too many pixels is an error before any decoding happens."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"image of {w}x{h} pixels is over the {MAX_PIXELS} pixel limit")
+    return img
+
+
+def _decode_region(img: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """Crop `box` (in original pixels) resized to size x size, decoding a JPEG only as finely as needed."""
+    w, h = img.size
+    left, top, cw, ch = box
+    scale = min(cw, ch) / size  # how much the crop may shrink before it falls below the output
+    if img.format == "JPEG" and scale >= 2:
+        img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+    sx, sy = img.size[0] / w, img.size[1] / h
+    img = img.convert("RGB")
+    return img.resize(
+        (size, size),
+        Image.BILINEAR,
+        box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy),
+        reducing_gap=None,
+    )
+
+
+def inception_crop_box(
+    w: int, h: int, rng: np.random.Generator, min_area: float = 0.05, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a random crop covering [min_area, 1] of the image."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = w * h * rng.uniform(min_area, 1.0)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(area * aspect)))
+        ch = int(round(math.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    # Ten misses (extreme aspect ratios): the largest centred crop within the ratio range.
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif aspect > ratio[1]:
+        cw, ch = int(round(h * ratio[1])), h
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def train_image(
+    data: bytes, size: int, rng: np.random.Generator, *, min_area: float, hflip: bool, randaug: "RandAugment | None"
+) -> np.ndarray:
+    """JPEG bytes -> (size, size, 3) uint8, augmented for pretraining."""
+    img = open_image(data)
+    box = inception_crop_box(*img.size, rng, min_area)
+    out = _decode_region(img, box, size)
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if randaug is not None:
+        out = randaug(out, rng)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def eval_image(data: bytes, size: int, crop_fraction: float = 1.0) -> np.ndarray:
+    """JPEG bytes -> (size, size, 3) uint8: shorter side to size / crop_fraction, centre crop."""
+    img = open_image(data)
+    w, h = img.size
+    side = min(w, h) * crop_fraction  # the centred square that ends up in the output
+    box = ((w - side) / 2, (h - side) / 2, side, side)
+    return np.asarray(_decode_region(img, box, size), dtype=np.uint8)
+
+
+def to_batch(images: list[np.ndarray]) -> torch.Tensor:
+    """Stack HWC uint8 images into (B, 3, H, W) uint8."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, (x / 255 - mean) / std; mean = std = 0.5 gives [-1, 1]."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (batch.float().div_(255.0) - m) / s
+
+
+def mixup(
+    images: torch.Tensor, targets: torch.Tensor, alpha: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each example with its neighbour (roll by one), one Beta(alpha, alpha) weight per batch, as big_vision."""
+    lam = float(rng.beta(alpha, alpha))
+    images = lam * images + (1 - lam) * images.roll(1, dims=0)
+    targets = lam * targets + (1 - lam) * targets.roll(1, dims=0)
+    return images, targets
+
+
+class RandAugment:
+    """RandAugment (Cubuk et al.) as used by AugReg: `num_ops` random ops at magnitude `magnitude` / 10."""
+
+    FILL = (128, 128, 128)
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 10):
+        self.num_ops, self.level = num_ops, magnitude / 10.0
+        self.ops = [
+            self.auto_contrast, self.equalize, self.invert, self.rotate, self.posterize, self.solarize,
+            self.color, self.contrast, self.brightness, self.sharpness, self.shear_x, self.shear_y,
+            self.translate_x, self.translate_y,
+        ]  # fmt: skip
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        for i in rng.integers(0, len(self.ops), size=self.num_ops):
+            sign = 1.0 if rng.random() < 0.5 else -1.0
+            img = self.ops[i](img, sign * self.level)
+        return img
+
+    def auto_contrast(self, img, m):
+        return ImageOps.autocontrast(img)
+
+    def equalize(self, img, m):
+        return ImageOps.equalize(img)
+
+    def invert(self, img, m):
+        return ImageOps.invert(img)
+
+    def rotate(self, img, m):
+        return img.rotate(30.0 * m, fillcolor=self.FILL)
+
+    def posterize(self, img, m):
+        return ImageOps.posterize(img, max(1, int(8 - 4 * abs(m))))
+
+    def solarize(self, img, m):
+        return ImageOps.solarize(img, int(256 - 256 * abs(m)))
+
+    def _enhance(self, enhancer, img, m):
+        return enhancer(img).enhance(1.0 + 0.9 * m)
+
+    def color(self, img, m):
+        return self._enhance(ImageEnhance.Color, img, m)
+
+    def contrast(self, img, m):
+        return self._enhance(ImageEnhance.Contrast, img, m)
+
+    def brightness(self, img, m):
+        return self._enhance(ImageEnhance.Brightness, img, m)
+
+    def sharpness(self, img, m):
+        return self._enhance(ImageEnhance.Sharpness, img, m)
+
+    def shear_x(self, img, m):
+        return img.transform(img.size, Image.AFFINE, (1, 0.3 * m, 0, 0, 1, 0), fillcolor=self.FILL)
+
+    def shear_y(self, img, m):
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0.3 * m, 1, 0), fillcolor=self.FILL)
+
+    def translate_x(self, img, m):
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0.45 * m * img.size[0], 0, 1, 0), fillcolor=self.FILL)
+
+    def translate_y(self, img, m):
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, 0.45 * m * img.size[1]), fillcolor=self.FILL)
