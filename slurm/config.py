@@ -29,7 +29,6 @@ class SlurmConfig:
     container_mounts: List[str] = field(default_factory=list)  # "src:dst" bind mounts (data, run dir)
     signal_seconds: int = 300  # send USR1 this long before the time limit so the ranks can checkpoint
     max_requeues: int = 20  # give up (fail the job) after this many self-requeues
-    master_port_base: int = 20000  # rendezvous port = base + job id % 10000 (distinct per job)
     log_dir: str = ""  # where job logs go; empty: <run dir>/slurm (prep: <output>/slurm)
     env: Dict[str, str] = field(default_factory=dict)  # extra environment for every rank (e.g. NCCL_*)
     extra_sbatch: List[str] = field(default_factory=list)  # extra "#SBATCH" options verbatim, e.g. "--exclusive"

@@ -1,0 +1,197 @@
+"""vit-submit: turn a stage config into a SLURM job (or a chain of them) and submit it.
+
+    vit-submit {prep,pretrain,finetune} CONFIG [key=value ...] [--nodes N --gpus-per-node G
+               --partition P --time T --account A] [--dry-run]
+    vit-submit pipeline PIPELINE_CONFIG [...same flags]
+    vit-submit status RUN_DIR
+
+The stage's config (with its `_base_` files and the overrides merged) is frozen into the
+job's log folder and the job runs that file, so a requeued job restarts exactly the same
+command; the training stages resume from their run directory by themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sharding.atomic import atomic_write_text
+from sharding.config_loader import ConfigError, parse_overrides, read_yaml
+from sharding.errors import UserError, cli_entry
+from slurm.config import SlurmConfig
+from slurm.pipeline import load_pipeline
+from slurm.render import JobSpec, Runtime, render
+from slurm.status import JOBS_FILE, status_lines
+
+# The module each stage runs (`python -m MODULE CONFIG`), and the config key naming the
+# folder the stage writes (its job logs go to FOLDER/slurm unless slurm.log_dir says else).
+STAGE_MODULES = {"pretrain": "pretrain.train", "finetune": "pretrain.finetune", "prep": "data_prep.cli"}
+OUTPUT_KEYS = {"pretrain": "run.dir", "finetune": "run.dir", "prep": "prep.output"}
+_SAFE_PATH = re.compile(r"^[\w./+@:,-]+$")
+
+
+@dataclasses.dataclass
+class StageJobs:
+    """A stage rendered into one or two jobs (convert array + merge); the last one gates the next stage."""
+
+    stage: str
+    log_dir: Path
+    jobs: list[JobSpec]
+
+
+# --------------------------------------------------------------------------- config
+def _resolved(files: Sequence[str | Path], overrides: Sequence[str]) -> DictConfig:
+    cfg = OmegaConf.create({})
+    for f in files:
+        cfg = OmegaConf.merge(cfg, read_yaml(f))
+    try:
+        return OmegaConf.merge(cfg, parse_overrides(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from None
+
+
+def slurm_section(cfg: DictConfig, where: str) -> SlurmConfig:
+    """The config's `slurm` section, typed and checked (errors name the file and key)."""
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(SlurmConfig), cfg.get("slurm") or {})
+        section = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or ""
+        raise ConfigError(f"{where}: slurm.{key}: {str(e).splitlines()[0]}") from None
+    section.validate(f"{where}: slurm")
+    return section
+
+
+def _output_dir(cfg: DictConfig, stage: str, where: str) -> Path:
+    key = OUTPUT_KEYS[stage]
+    value = OmegaConf.select(cfg, key, default=None)
+    if not value:
+        raise ConfigError(f"{where}: `{key}` must be set: the job's logs and state go there")
+    return Path(str(value)).absolute()
+
+
+def _python(s: SlurmConfig) -> str:
+    return s.python or sys.executable
+
+
+def flag_overrides(args: argparse.Namespace, training: bool) -> list[str]:
+    """--nodes/--gpus-per-node (training stages only) and --partition/--time/--account as slurm.* overrides."""
+    pairs = [("partition", args.partition), ("time", args.time), ("account", args.account)]
+    if training:
+        pairs += [("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node)]
+    return [f"slurm.{k}={v}" for k, v in pairs if v is not None]
+
+
+# --------------------------------------------------------------------------- stages
+def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> tuple[StageJobs, str]:
+    """Render one stage: (its jobs, the frozen config text they run)."""
+    cfg = _resolved([config], overrides)
+    s = slurm_section(cfg, str(config))
+    out = _output_dir(cfg, stage, str(config))
+    log_dir = Path(s.log_dir).absolute() if s.log_dir else out / "slurm"
+    if not _SAFE_PATH.match(str(log_dir)):
+        raise ConfigError(f"{config}: log folder {str(log_dir)!r} has characters sbatch cannot take unquoted")
+    frozen = log_dir / f"{stage}-config.yaml"
+    py = [_python(s), "-m", STAGE_MODULES[stage]]
+    name = f"vit-{stage}-{out.name}"  # the output folder tells jobs of different runs apart
+    if stage == "prep":
+        # Convert as an array (task i converts slice i of the plan), then one merge job.
+        convert = JobSpec("prep", f"{name}-convert",
+                          [*py, "convert", "--config", str(frozen), "--task-index", Runtime("$SLURM_ARRAY_TASK_ID"),
+                           "--num-tasks", str(s.array_tasks)],
+                          s, log_dir, str(config), array=s.array_tasks)
+        merge_slurm = dataclasses.replace(s, nodes=1, gpus_per_node=0)
+        merge = JobSpec("merge", f"{name}-merge", [*py, "merge", "--config", str(frozen)],
+                        merge_slurm, log_dir, str(config))
+        jobs = [convert, merge]
+    else:
+        jobs = [JobSpec(stage, name, [*py, str(frozen)], s, log_dir, str(config))]
+    return StageJobs(stage, log_dir, jobs), OmegaConf.to_yaml(cfg)
+
+
+def sbatch(script_path: Path, dependency: str | None) -> str:
+    """Submit a rendered script; returns the job id."""
+    cmd = ["sbatch", "--parsable"]
+    if dependency:
+        cmd.append(f"--dependency=afterok:{dependency}")
+    try:
+        proc = subprocess.run([*cmd, str(script_path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("sbatch not found: run vit-submit on a SLURM login node (or use --dry-run)") from None
+    if proc.returncode != 0:
+        raise UserError(f"sbatch {script_path}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def submit_stage(stage: StageJobs, frozen_config: str, dependency: str | None, dry_run: bool) -> str | None:
+    """Write the frozen config and scripts, submit them chained; returns the id gating what follows."""
+    if dry_run:
+        for job in stage.jobs:
+            after = f" (after {dependency})" if dependency else ""
+            print(f"# ---- {job.name}{after}: sbatch script\n{render(job)}")
+        return dependency
+    stage.log_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage.log_dir / f"{stage.stage}-config.yaml", frozen_config)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for job in stage.jobs:
+        script = stage.log_dir / f"{job.name}-{stamp}.sbatch"
+        atomic_write_text(script, render(job))
+        dependency = sbatch(script, dependency)
+        record = {"job_id": dependency, "name": job.name, "stage": job.stage, "script": str(script),
+                  "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(stage.log_dir / JOBS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"submitted {job.name}: job {dependency}  (logs: {stage.log_dir})")
+    return dependency
+
+
+# --------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vit-submit", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in (*STAGE_MODULES, "pipeline"):
+        sp = sub.add_parser(name, help=f"submit the {name} {'chain' if name == 'pipeline' else 'stage'}")
+        sp.add_argument("config", help="YAML config" + (" naming the stage configs" if name == "pipeline" else ""))
+        sp.add_argument("overrides", nargs="*", help="key=value config overrides")
+        sp.add_argument("--nodes", type=int, help="slurm.nodes (training stages)")
+        sp.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node (training stages)")
+        sp.add_argument("--partition", help="slurm.partition")
+        sp.add_argument("--time", help="slurm.time, e.g. 24:00:00")
+        sp.add_argument("--account", help="slurm.account")
+        sp.add_argument("--dependency", help="job id this submission waits for (afterok)")
+        sp.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    st = sub.add_parser("status", help="jobs and progress of a submitted run")
+    st.add_argument("run_dir", help="the run directory (or a prep output folder)")
+    return p.parse_args(argv)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "status":
+        print("\n".join(status_lines(Path(args.run_dir))))
+        return 0
+    if args.command == "pipeline":
+        stages = [(stage, config, [*overrides, *flag_overrides(args, stage != "prep")])
+                  for stage, config, overrides in load_pipeline(args.config, args.overrides)]
+    else:
+        stages = [(args.command, args.config, [*args.overrides, *flag_overrides(args, args.command != "prep")])]
+    # Render every stage before submitting any, so a bad config in the chain submits nothing.
+    built = [build_stage(stage, config, overrides) for stage, config, overrides in stages]
+    dependency = args.dependency
+    for jobs, frozen in built:
+        dependency = submit_stage(jobs, frozen, dependency, args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
