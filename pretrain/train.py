@@ -1,0 +1,180 @@
+"""vit-pretrain: pretrain a ViT on a shard dataset with DeepSpeed ZeRO.
+
+    vit-pretrain CONFIG [CONFIG ...] [key=value ...] [--force]
+
+Runs unchanged as one process, under torchrun / the deepspeed launcher, or under srun.
+Starting on a run directory that holds checkpoints resumes from the newest complete one;
+a SIGUSR1/SIGTERM saves at the next step and exits with code 85 (requeue me).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pretrain import distributed
+from pretrain.checkpoint import Checkpointer, file_digest, fingerprint_diff, scan
+from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.engine import build_engine, build_model_for, deepspeed_config
+from pretrain.run_log import RunLog, peak_flops, vit_forward_flops
+from pretrain.signals import EXIT_REQUEUE, StopRequest, Watchdog
+from pretrain.trainer import Ema, Hooks, Trainer
+from sharding.config_loader import ConfigError, save_config, to_yaml
+from sharding.errors import UserError, cli_entry
+
+
+def say(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _resolved(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def check_resumable(saved: dict, cfg, dataset_digest: str, *, force: bool) -> None:
+    """Refuse a resume whose model, data or recipe differ from the run's, unless forced."""
+    changed = fingerprint_diff(saved["config"], _resolved(cfg), RESUMABLE_CHANGES)
+    if saved.get("dataset_digest") != dataset_digest:
+        changed.append(f"dataset ({cfg.data.path}/dataset.json content)")
+    if changed and not force:
+        raise UserError(
+            f"{cfg.run.dir} was trained with a different config: {', '.join(changed)} changed; "
+            "use a new run.dir, or --force to resume anyway")
+    if changed:
+        print(f"warning: resuming despite changes to {', '.join(changed)} (--force)", file=sys.stderr)
+
+
+def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
+    """Train per `cfg` (sections run, model, data, train, zero, checkpoint, eval); returns the exit code.
+
+    `build_model(model_cfg)` constructs the network (fine-tuning passes one that loads
+    its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`.
+    """
+    import sharding
+    from pretrain.data import build_train_loader
+    from pretrain.eval_hook import build_evaluator
+
+    # ---------------------------------------------------------------- process group
+    env = distributed.detect()
+    distributed.init_process_group(env, cfg.run.dist_timeout_s)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rank, world = env.rank, env.world_size
+    run_dir = Path(cfg.run.dir)
+
+    # ---------------------------------------------------------------- dataset
+    dataset = sharding.open_dataset(cfg.data.path)
+    if cfg.model.num_classes != dataset.num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.path} has {dataset.num_classes} classes")
+    digest = file_digest(Path(cfg.data.path) / "dataset.json")
+
+    # ---------------------------------------------------------------- resume decision
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank, world)
+    checkpointer.clean_incomplete()
+    resume = scan(checkpointer.root).newest if cfg.checkpoint.resume else None
+    saved = checkpointer.read_state(resume) if resume else None
+    if saved:
+        check_resumable(saved, cfg, digest, force=force)
+        say(rank, f"resuming from {resume} (step {saved['step']}, saved on {saved['world_size']} ranks)")
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    universal = bool(saved) and saved["world_size"] != world
+
+    # ---------------------------------------------------------------- data
+    loader = build_train_loader(cfg.data, img_size=cfg.model.img_size, global_batch=cfg.train.batch_size,
+                                rank=rank, world_size=world, seed=cfg.run.seed)
+    derived = derive(cfg.train, world, loader.steps_per_epoch)
+    say(rank, f"derived: {derived.describe()}")
+
+    # ---------------------------------------------------------------- model and engine
+    ds_config = deepspeed_config(cfg.zero, global_batch=cfg.train.batch_size, micro_batch=derived.micro_batch,
+                                 grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad)
+    if universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+        checkpointer.prepare_universal(resume)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = build_model_for(cfg.zero, ds_config, lambda: build_model(cfg.model))
+    engine = build_engine(model, ds_config, cfg.train.optim, derived.total_steps)
+    torch.manual_seed(cfg.run.seed * 1_000_003 + rank + 1)  # dropout differs across ranks
+    ema = Ema(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+    # ---------------------------------------------------------------- restore
+    start_step, samples_seen, skips = 0, 0, 0
+    if saved:
+        state = checkpointer.load(engine, resume, universal=universal)
+        loader.load_state_dict(state["data"])
+        start_step, samples_seen, skips = state["step"], state["samples_seen"], state.get("nonfinite_skips", 0)
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        if universal:
+            torch.manual_seed(cfg.run.seed * 1_000_003 + rank + 1 + start_step)
+
+    # ---------------------------------------------------------------- train
+    log = RunLog(run_dir, enabled=rank == 0, resume_step=start_step)
+    resolved = _resolved(cfg)
+
+    def save(step: int) -> None:
+        state = {"step": step, "samples_seen": trainer.samples_seen, "nonfinite_skips": trainer.nonfinite_skips,
+                 "data": loader.state_dict(), "config": resolved, "dataset_digest": digest}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        folder = checkpointer.save(engine, step, state)
+        say(rank, f"saved {folder}")
+
+    evaluate = build_evaluator(cfg.eval, cfg.data, engine.module, img_size=cfg.model.img_size,
+                               num_classes=dataset.num_classes, multi_label=dataset.label_kind == "multi",
+                               rank=rank, world_size=world)
+    trainer = Trainer(engine, loader, cfg.train, num_classes=dataset.num_classes, rank=rank, log=log,
+                      hooks=Hooks(save=save, evaluate=evaluate, checkpoint_every=cfg.checkpoint.every,
+                                  eval_every=cfg.eval.every),
+                      ema=ema, flops_per_image=vit_forward_flops(cfg.model), peak_flops=peak_flops())
+    trainer.samples_seen, trainer.nonfinite_skips = samples_seen, skips
+    stop = StopRequest().install()
+    watchdog = Watchdog(cfg.train.watchdog_s, rank).start()
+    try:
+        outcome = trainer.fit(start_step, derived.total_steps, stop, watchdog)
+    finally:
+        watchdog.stop()
+        stop.uninstall()
+        log.close()
+    if outcome == "stopped":
+        say(rank, f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint saved, exiting {EXIT_REQUEUE}")
+        return EXIT_REQUEUE
+    say(rank, f"done: {derived.total_steps} steps, {trainer.samples_seen} samples; run directory {run_dir}")
+    return 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vit-pretrain", description=__doc__.split("\n\n")[0],
+                                epilog="Example: vit-pretrain configs/pretrain/demo.yaml data.path=shards run.dir=runs/demo")
+    p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
+                   help="YAML config files (merged in order), then key=value overrides")
+    p.add_argument("--force", action="store_true",
+                   help="resume even when the model, data or recipe differ from the run directory's")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    args.configs = [i for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
+    return args
+
+
+@cli_entry
+def main(argv=None) -> int:
+    from pretrain.model import build_model
+
+    args = parse_args(argv)
+    cfg = load_pretrain_config(args.configs, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    return run_training(cfg, build_model=build_model, force=args.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
