@@ -154,16 +154,18 @@ class EpochPlan:
     # -- steps ------------------------------------------------------------------------------
     def step_slots(self, step: int) -> list[Slot]:
         """The global batch of `step` in canonical order: `width` chunks, partition by partition."""
-        if not 0 <= step < self.steps:
-            raise IndexError(f"step {step} outside epoch of {self.steps} steps")
-        L = self.layout
-        q, visit = step % L.cycle, step // L.cycle
-        return [Slot(q * L.width + i, visit * L.chunk, (visit + 1) * L.chunk) for i in range(L.width)]
+        return self.rank_slots(step, 0, 1)
 
     def rank_slots(self, step: int, rank: int, world_size: int) -> list[Slot]:
         """Rank `rank`'s contiguous share of the global batch of `step`."""
-        per_rank = self.layout.width // world_size
-        return self.step_slots(step)[rank * per_rank : (rank + 1) * per_rank]
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} outside epoch of {self.steps} steps")
+        L = self.layout
+        per_rank = L.width // world_size
+        q, visit = step % L.cycle, step // L.cycle
+        first = q * L.width + rank * per_rank
+        lo, hi = visit * L.chunk, (visit + 1) * L.chunk
+        return [Slot(p, lo, hi) for p in range(first, first + per_rank)]
 
     def rank_partitions(self, rank: int, world_size: int) -> list[int]:
         """Every partition rank `rank` reads this epoch (a fixed, interleaved set)."""
