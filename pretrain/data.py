@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import sharding
+from sharding import format as fmt
 from sharding.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, default_width
-from sharding.stream import RankStream, ShardSource, check_error_rate, eval_batches, read_eval_batch
+from sharding.stream import IndexOffsets, RankStream, ShardSource, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
 from pretrain import transforms as T
 
@@ -77,9 +78,9 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
         raise UserError(f"data: split {split!r} not in {cfg.path} (it has {', '.join(ds.splits)})")
     shards = ds.shards(split)
     base = cfg.shards_url.rstrip("/") if cfg.shards_url else None
-    urls = [f"{base}/{s.name}" if base else str(s.path) for s in shards]
+    urls = [f"{base}/{fmt.shard_path(split, s.index)}" if base else s.path for s in shards]
     return SplitSource(
-        source=ShardSource(urls, cfg.cache_dir),
+        source=ShardSource(urls, cfg.cache_dir, IndexOffsets(cfg.path, split, [s.name for s in shards])),
         counts=[int(s.num_samples) for s in shards],
         num_classes=int(ds.num_classes),
         multi_label=ds.label_kind == "multi",

@@ -113,6 +113,34 @@ class ShardSource:
             yield reason
 
 
+class IndexOffsets:
+    """Byte offset of a sample from the dataset's per-shard index, so readers seek instead of scanning.
+
+    Loads one shard's offsets at a time (a reader moves through its shards in order); a
+    process that never seeks never reads the index. Plain data, so loader processes can
+    receive it under any start method.
+    """
+
+    def __init__(self, dataset_path: str, split: str, shard_names: Sequence[str]):
+        self.dataset_path, self.split, self.shard_names = dataset_path, split, list(shard_names)
+        self._cached: tuple[int, np.ndarray | None] | None = None
+
+    def __call__(self, shard: int, first: int) -> int | None:
+        if first == 0:
+            return 0
+        if self._cached is None or self._cached[0] != shard:
+            from sharding.dataset import open_dataset
+
+            try:
+                table = open_dataset(self.dataset_path).sample_index(self.split, self.shard_names[shard])
+                self._cached = (shard, table.column("sample_offset").to_numpy())
+            except (OSError, ValueError, UserError) as e:  # scanning headers still finds the sample
+                log.warning("no usable index for %s (%s); scanning its headers", self.shard_names[shard], e)
+                self._cached = (shard, None)
+        offsets = self._cached[1]
+        return int(offsets[first]) if offsets is not None and first < len(offsets) else None
+
+
 # -- counting losses ---------------------------------------------------------------------------
 def check_error_rate(counters: dict[str, int], samples: int, max_rate: float, min_samples: int = 200) -> None:
     """Abort when substituted samples exceed `max_rate` of those yielded (once enough are seen)."""
