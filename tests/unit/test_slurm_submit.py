@@ -1,0 +1,110 @@
+"""vit-submit rendering: the sbatch layout for large runs, arrays, chains, containers, errors."""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from slurm.render import parse_sbatch_options
+from slurm.submit import main
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def scripts(out: str) -> list[str]:
+    """Split --dry-run output into the scripts it printed."""
+    return [s for s in re.split(r"^# ---- .*\n", out, flags=re.M) if s.strip()]
+
+
+@pytest.fixture
+def h14(tmp_path):
+    return write(tmp_path / "h14.yaml", f"""
+run: {{dir: {tmp_path}/runs/h14}}
+model: {{name: vit_h14}}
+slurm: {{partition: gpu, time: "48:00:00", env: {{NCCL_DEBUG: WARN}}}}
+""")
+
+
+def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(h14, capsys, tmp_path):
+    assert main(["pretrain", h14, "--nodes", "16", "--gpus-per-node", "8", "--dry-run"]) == 0
+    [script] = scripts(capsys.readouterr().out)
+    opts = parse_sbatch_options(script)
+    assert opts["nodes"] == "16" and opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8"
+    assert int(opts["nodes"]) * int(opts["ntasks-per-node"]) == 128
+    assert opts["partition"] == "gpu" and opts["time"] == "48:00:00"
+    assert opts["signal"] == "B:USR1@300" and "requeue" in opts
+    assert opts["output"] == f"{tmp_path}/runs/h14/slurm/%x-%j.out"
+    # srun inherits the 128-task layout (no -n/-N of its own) and runs the frozen config.
+    [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert not re.search(r"\s(-n|-N|--ntasks|--nodes)\b", srun)
+    assert f"pretrain.train {tmp_path}/runs/h14/slurm/pretrain-config.yaml" in script
+    assert "export NCCL_DEBUG=WARN" in script
+    assert not list(tmp_path.glob("runs/h14/slurm/*"))  # a dry run writes nothing
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_cpu_job_runs_one_rank_per_node(h14, capsys):
+    main(["pretrain", h14, "slurm.nodes=2", "--dry-run"])
+    opts = parse_sbatch_options(capsys.readouterr().out)
+    assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "1" and "gpus-per-node" not in opts
+
+
+def test_prep_is_an_array_followed_by_a_merge(tmp_path, capsys):
+    cfg = write(tmp_path / "prep.yaml", f"""
+prep: {{output: {tmp_path}/in21k}}
+slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
+""")
+    main(["prep", cfg, "--dry-run"])
+    convert, merge = scripts(capsys.readouterr().out)
+    assert parse_sbatch_options(convert)["array"] == "0-63%16"
+    assert '--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks 64' in convert
+    assert "%x-%A_%a.out" in convert
+    assert "array" not in parse_sbatch_options(merge) and " merge --config " in merge
+
+
+def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
+    write(tmp_path / "prep.yaml", "prep: {output: unset}\n")
+    write(tmp_path / "pre.yaml", "run: {dir: unset}\n")
+    write(tmp_path / "ft.yaml", "run: {dir: unset}\n")
+    pipe = write(tmp_path / "pipe.yaml", """
+vars: {work: /scratch/demo}
+stages:
+  - {stage: prep, config: prep.yaml, overrides: ["prep.output=${vars.work}/data"]}
+  - {stage: pretrain, config: pre.yaml, overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
+  - {stage: finetune, config: ft.yaml, overrides: ["run.dir=${vars.work}/finetune"]}
+""")
+    main(["pipeline", pipe, "vars.work=/scratch/x", "--nodes", "4", "--dry-run"])
+    out = capsys.readouterr().out
+    names = re.findall(r"^# ---- ([^\s:]+)", out, flags=re.M)
+    assert names == ["vit-prep-data-convert", "vit-prep-data-merge", "vit-pretrain-pretrain", "vit-finetune-finetune"]
+    prep, merge, pre, ft = scripts(out)
+    assert "/scratch/x/data/slurm" in prep
+    assert parse_sbatch_options(prep)["nodes"] == "1"  # --nodes is for the training stages
+    assert parse_sbatch_options(pre)["nodes"] == "4" and parse_sbatch_options(ft)["nodes"] == "4"
+
+
+def test_containers(h14, capsys):
+    main(["pretrain", h14, "slurm.container_runtime=pyxis", "slurm.container_image=nvcr.io/x/vit:1",
+          "slurm.container_mounts=[/data:/data]", "slurm.python=python", "--dry-run"])
+    [srun] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("srun ")]
+    assert "--container-image=nvcr.io/x/vit:1" in srun and "--container-mounts=/data:/data" in srun
+    main(["pretrain", h14, "slurm.container_runtime=apptainer", "slurm.container_image=/img/vit.sif",
+          "slurm.python=python", "--dry-run"])
+    assert "STAGE_CMD=(apptainer exec --nv /img/vit.sif python -m pretrain.train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    (["slurm.container_runtime=docker"], "slurm.container_runtime: must be one of none, pyxis, apptainer"),
+    (["slurm.gpus=8"], "slurm.gpus"),
+    (["slurm.nodes=two"], "slurm.nodes"),
+    (["run.dir="], "`run.dir` must be set"),
+    (["slurm.extra_sbatch=[exclusive]"], "slurm.extra_sbatch"),
+])
+def test_bad_config_is_one_line_naming_the_key(h14, capsys, override, message):
+    assert main(["pretrain", h14, *override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
