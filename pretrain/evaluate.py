@@ -12,9 +12,14 @@ evaluation; `vit-eval` (below) is the same on exported weights.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
-from typing import Iterable, Mapping, Sequence
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +27,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pretrain import metrics
+from sharding.atomic import atomic_write_text
+from sharding.errors import UserError, cli_entry
 
 
 # --------------------------------------------------------------------------- collectives
@@ -73,6 +80,7 @@ class Features:
     representation: torch.Tensor  # (N, D) float32: the pre-logits vector the probes use
     logits: torch.Tensor  # (N, C) float32
     targets: torch.Tensor  # (N,) int64, or (N, K) multi-hot
+    ids: torch.Tensor | None = None  # (N,) int64 sample ids, when the loader yields them (4th element)
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -84,7 +92,10 @@ def _model_io(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _forward_batches(model, loader, max_batches, desc):
-    """Yield (representation, logits, targets, valid_mask) per batch, in eval mode, no grad."""
+    """Yield (representation, logits, targets, valid_mask, ids or None) per batch, eval mode, no grad.
+
+    A batch is `(images, targets, valid_mask)` or `(images, targets, valid_mask, ids)`.
+    """
     device, dtype = _model_io(model)
     was_training = model.training
     model.eval()
@@ -92,12 +103,12 @@ def _forward_batches(model, loader, max_batches, desc):
         batches = loader if max_batches is None else itertools.islice(loader, max_batches)
         total = max_batches if max_batches is not None else _safe_len(loader)
         with torch.no_grad():
-            for images, targets, valid in tqdm(batches, desc=desc, total=total, disable=not _is_main(),
-                                               unit="batch", leave=False):
+            for images, targets, valid, *ids in tqdm(batches, desc=desc, total=total, disable=not _is_main(),
+                                                     unit="batch", leave=False):
                 tokens = model.forward_features(images.to(device=device, dtype=dtype, non_blocking=True))
                 rep = model.forward_head(tokens, pre_logits=True).float().cpu()
                 logits = model.forward_head(tokens).float().cpu()
-                yield rep, logits, targets, valid.bool()
+                yield rep, logits, targets, valid.bool(), (ids[0] if ids else None)
     finally:
         model.train(was_training)
 
@@ -117,17 +128,20 @@ def extract_features(model: torch.nn.Module, loader: Iterable, *, max_batches: i
     large train split for the few-shot probe; shards are shuffled at conversion time, so a
     prefix of the split is a class-mixed sample of it.
     """
-    reps, logits, targets = [], [], []
-    for rep, lg, tg, valid in _forward_batches(model, loader, max_batches, desc):
+    reps, logits, targets, ids = [], [], [], []
+    for rep, lg, tg, valid, batch_ids in _forward_batches(model, loader, max_batches, desc):
         reps.append(rep[valid])
         logits.append(lg[valid])
         targets.append(tg[valid])
+        if batch_ids is not None:
+            ids.append(batch_ids[valid])
     if not targets:
         raise ValueError(f"{desc}: the loader yielded no batches")
     return Features(
         representation=all_gather_rows(torch.cat(reps)),
         logits=all_gather_rows(torch.cat(logits)),
         targets=all_gather_rows(torch.cat(targets)),
+        ids=all_gather_rows(torch.cat(ids)) if ids else None,
     )
 
 
@@ -147,7 +161,7 @@ def evaluate_classification(
     """
     counts = {f"top{k}": 0 for k in ks} | {"samples": 0}
     all_logits, all_targets = [], []
-    for rep, logits, targets, valid in _forward_batches(model, loader, max_batches, desc):
+    for _, logits, targets, valid, _ in _forward_batches(model, loader, max_batches, desc):
         logits, targets = logits[valid], targets[valid]
         counts["samples"] += int(valid.sum())
         for k, c in metrics.topk_correct(logits, targets, ks).items():
@@ -204,3 +218,218 @@ def linear_probe_from_features(train: Features, test: Features, num_classes: int
 def _require_single_label(f: Features, what: str) -> None:
     if f.targets.dim() != 1:
         raise ValueError(f"{what} needs single-label targets; this split is multi-label")
+
+
+# --------------------------------------------------------------------------- scores from features
+def classification_from_features(f: Features, ks: Sequence[int] = (1, 5), multi_label: bool = False) -> dict[str, float]:
+    """Top-k (and mAP) from gathered logits: the same numbers `evaluate_classification` counts."""
+    n = len(f)
+    result: dict[str, float] = {"samples": n}
+    result |= {f"top{k}": c / n for k, c in metrics.topk_correct(f.logits, f.targets, ks).items()}
+    if multi_label:
+        result["mAP"] = metrics.mean_average_precision(f.logits.numpy(), f.targets.numpy())
+    return result
+
+
+def real_from_features(f: Features, real_labels: Sequence[Sequence[int]]) -> dict[str, float]:
+    """ImageNet ReaL top-1: `real_labels[i]` are the real labels of the sample whose id is i."""
+    if f.ids is None:
+        raise ValueError("ReaL accuracy needs sample ids from the loader")
+    predictions = f.logits.argmax(1).tolist()
+    correct, counted = metrics.real_correct(predictions, [real_labels[i] for i in f.ids.tolist()])
+    return {"real_top1": correct / max(counted, 1), "real_samples": counted}
+
+
+# --------------------------------------------------------------------------- vit-eval
+REAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+
+def _with_sample_ids(loader) -> Iterator[tuple]:
+    """The eval loader's batches with the split-wide position of each slot as a 4th element.
+
+    `EvalLoader.batches[i]` describes the i-th batch it yields: `count` consecutive positions
+    of the split from `start` (padding slots after them are masked out).
+    """
+    for (images, targets, valid), batch in zip(loader, loader.batches, strict=True):
+        yield images, targets, valid, torch.arange(batch.start, batch.start + len(valid))
+
+
+def _split_index(ds, split: str) -> tuple[list[str], list]:
+    """(source id, label) of every sample of `split`, in stream position order."""
+    sources, labels = [], []
+    for shard in ds.shards(split):
+        table = ds.sample_index(split, shard.name)
+        sources += table.column("source_id").to_pylist()
+        labels += table.column("labels" if ds.label_kind == "multi" else "label").to_pylist()
+    return sources, labels
+
+
+def load_real_labels(path: Path, source_ids: Sequence[str]) -> list[list[int]]:
+    """ReaL label sets per split position, from the official `real.json`.
+
+    real.json lists, for validation image number n (file ILSVRC2012_val_{n:08d}.JPEG), its
+    real labels at index n - 1; an empty list means the image has no reliable label.
+    """
+    try:
+        real = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--real {path}: cannot read JSON: {e}") from None
+    if not isinstance(real, list) or not all(isinstance(r, list) for r in real):
+        raise UserError(f"--real {path}: expected a list of label lists (the official real.json)")
+    out = []
+    for sid in source_ids:
+        m = REAL_NAME.search(sid)
+        if not m or not 1 <= int(m.group(1)) <= len(real):
+            raise UserError(f"--real: sample {sid!r} is not an ImageNet validation image covered by {path}")
+        out.append([int(c) for c in real[int(m.group(1)) - 1]])
+    return out
+
+
+def _check_ids(f: Features, labels: Sequence, split: str) -> None:
+    """The loader's batches must be the positions we think they are: compare with the index."""
+    if f.targets.dim() != 1:
+        return
+    expected = torch.tensor([labels[i] for i in f.ids.tolist()], dtype=torch.int64)
+    if not torch.equal(expected, f.targets):
+        raise RuntimeError(f"{split}: loader batches do not line up with the dataset index")
+
+
+def _model_for(source, args) -> torch.nn.Module:
+    from pretrain.model import build_model, model_config
+
+    if source.model is not None:
+        cfg = source.model
+    elif args.model:
+        cfg = model_config(args.model)
+    else:
+        raise UserError(f"{args.weights}: the weights record no model config; name the variant with --model")
+    overrides = {"num_classes": source.num_classes, "representation_size": source.representation_size}
+    if args.resolution:
+        overrides |= {"img_size": args.resolution, "img_width": None}
+    return build_model(dataclasses.replace(cfg, **overrides))
+
+
+def _data_config(source, args):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pretrain.data import DataConfig
+
+    node = OmegaConf.structured(DataConfig)
+    run_config = source.run_dir / "config.yaml" if source.run_dir else None
+    if run_config is not None and run_config.is_file():
+        # The run's normalisation and eval crop are part of what the model learned.
+        try:
+            node = OmegaConf.merge(node, OmegaConf.load(run_config).get("data", {}))
+        except OmegaConfBaseException as e:
+            raise UserError(f"{run_config}: data section: {str(e).splitlines()[0]}") from None
+    cfg = OmegaConf.to_object(node)
+    cfg.path, cfg.workers, cfg.shards_url, cfg.cache_dir = str(args.data), args.workers, None, None
+    return cfg
+
+
+def _markdown(results: dict, header: dict) -> str:
+    lines = ["# Evaluation results", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += ["", "| metric | value |", "|---|---|"]
+    for k, v in results.items():
+        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vit-eval", description="Score a ViT on a shard dataset: top-1/top-5, "
+                                "ImageNet ReaL, few-shot linear and linear-probe accuracy.")
+    p.add_argument("weights", type=Path, help="a run directory, its export/, a timm state dict or an .npz")
+    p.add_argument("--data", type=Path, required=True, help="shard dataset written by vit-prep")
+    p.add_argument("--split", default="test", help="split to score (default: test)")
+    p.add_argument("--real", type=Path, help="ImageNet ReaL labels (real.json) for the validation images")
+    p.add_argument("--fewshot", default="", help="comma-separated shots per class, e.g. 1,5,10,25 (default: none)")
+    p.add_argument("--fewshot-l2", type=float, default=metrics.DEFAULT_L2_REG, help="ridge regulariser")
+    p.add_argument("--linear-probe", action="store_true", help="also fit a logistic-regression probe")
+    p.add_argument("--train-split", default="train", help="split the few-shot and probe examples come from")
+    p.add_argument("--train-batches", type=int, default=0, help="batches per rank of it to use (0: all)")
+    p.add_argument("--resolution", type=int, default=0, help="evaluate at this image size (pos-emb resampled)")
+    p.add_argument("--posemb-method", default="bicubic", help="resampling method when --resolution changes the grid")
+    p.add_argument("--model", default="", help="model variant, for weights that do not record one (timm, .npz)")
+    p.add_argument("--batch-size", type=int, default=64, help="per-rank batch")
+    p.add_argument("--workers", type=int, default=2, help="loader processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot example choice")
+    p.add_argument("--out", type=Path, help="results folder (default: WEIGHTS/eval or next to the weights file)")
+    args = p.parse_args(argv)
+    try:
+        args.shots = [int(s) for s in args.fewshot.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--fewshot {args.fewshot!r}: expected comma-separated integers")
+    return args
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    import sharding
+    from pretrain import distributed
+    from pretrain.data import build_eval_loader
+    from pretrain.starting_weights import fit_to_model, read_source
+
+    args = parse_args(argv)
+
+    # -- processes
+    env = distributed.detect()
+    if env.world_size > 1:
+        distributed.init_process_group(env, timeout_s=1800)
+    device = distributed.device(env)
+
+    # -- model and weights
+    source = read_source(args.weights)
+    model = _model_for(source, args)
+    init = fit_to_model(source, model, reset_head=False, posemb_method=args.posemb_method)
+    model.to(device)
+
+    # -- data
+    data_cfg = _data_config(source, args)
+    ds = sharding.open_dataset(args.data)
+
+    def loader(split):
+        return _with_sample_ids(build_eval_loader(data_cfg, split, img_size=model.cfg.img_size,
+                                                  batch_size=args.batch_size, rank=env.rank,
+                                                  world_size=env.world_size))
+
+    # -- evaluate
+    multi = ds.label_kind == "multi"
+    test = extract_features(model, loader(args.split), desc=f"eval {args.split}")
+    sources, labels = _split_index(ds, args.split)
+    _check_ids(test, labels, args.split)
+    results: dict[str, float] = {"samples": len(test)}
+    if model.cfg.num_classes == ds.num_classes:
+        results |= classification_from_features(test, ks=(1, 5), multi_label=multi)
+    elif _is_main():
+        print(f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
+              "top-k left out (few-shot and probe use the representation)")
+    if args.real:
+        results |= real_from_features(test, load_real_labels(args.real, sources))
+    if args.shots or args.linear_probe:
+        train = extract_features(model, loader(args.train_split), max_batches=args.train_batches or None,
+                                 desc=f"features {args.train_split}")
+        if args.shots:
+            results |= fewshot_from_features(train, test, ds.num_classes, shots=args.shots,
+                                             l2_reg=args.fewshot_l2, seed=args.seed)
+        if args.linear_probe:
+            results |= linear_probe_from_features(train, test, ds.num_classes)
+
+    # -- report
+    if _is_main():
+        out = args.out or (args.weights if args.weights.is_dir() else args.weights.parent) / "eval"
+        stem = f"{ds.name}-{args.split}-{model.cfg.img_size}px"
+        header = {"weights": str(args.weights), "data": str(args.data), "split": args.split,
+                  "model": model.cfg.name, "resolution": model.cfg.img_size, "ranks": env.world_size,
+                  "init": "; ".join(init.lines())}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / f"{stem}.json", json.dumps({**header, "results": results}, indent=2) + "\n")
+        atomic_write_text(out / f"{stem}.md", _markdown(results, header))
+        print(_markdown(results, header))
+        print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
