@@ -42,6 +42,39 @@ class Listing:
         return self.root / item.source_id
 
 
+def to_convert_listing(listing: Listing):
+    """The convert job's listing: one row per image sorted by source id, with the release split."""
+    import pyarrow as pa
+
+    from data_prep.sources.base import Listing as ConvertListing
+
+    items = sorted(listing.items, key=lambda it: it.source_id)
+    table = pa.table({
+        "source_id": pa.array([it.source_id for it in items], pa.string()),
+        "label": pa.array([it.label for it in items], pa.int32()),
+        "split": pa.array([it.split for it in items], pa.string()),
+    })
+    return ConvertListing(table, [(c.class_id, c.name) for c in listing.classes], "single")
+
+
+class ReleaseSource:
+    """Mixin for the convert job's Source: `read_release(root)` gives the listing; files are
+    read by their source id, a path relative to `--input`."""
+
+    def read_release(self, root: Path) -> Listing:
+        raise NotImplementedError
+
+    def list_items(self):
+        from data_prep.sources.base import require_input
+
+        return to_convert_listing(self.read_release(require_input(self.cfg, "the release folder")))
+
+    def read(self, item: dict) -> bytes:
+        from data_prep.sources.base import read_file_bytes
+
+        return read_file_bytes(Path(self.cfg.input) / item["source_id"])
+
+
 def require(path: Path, what: str) -> Path:
     """`path`, or a one-line error saying which release file is missing."""
     if not path.exists():

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources.downstream import ClassEntry, Item, Listing, load_mat
+from data_prep.sources import register_source
+from data_prep.sources.base import Source
+from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat
 from sharding.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
@@ -38,3 +40,13 @@ def read_flowers(root: str | Path) -> Listing:
             items.append(Item(split, f"jpg/image_{number:05d}.jpg", int(labels[number - 1]) - 1))
     classes = [ClassEntry(str(c), f"flower_{c:03d}") for c in range(1, num_classes + 1)]
     return Listing(root, classes, items)
+
+
+@register_source("flowers")
+class FlowersSource(ReleaseSource, Source):
+    """`vit-prep convert --source flowers --input ROOT`: splits train, val and test as released."""
+
+    samples_per_shard_hint = 1000
+
+    def read_release(self, root: Path) -> Listing:
+        return read_flowers(root)

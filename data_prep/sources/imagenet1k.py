@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sources.downstream import ClassEntry, Item, Listing, load_mat, require
+from data_prep.sources import register_source
+from data_prep.sources.base import Source
+from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat, require
 from sharding.errors import UserError
 
 DEVKIT = "ILSVRC2012_devkit_t12"
@@ -91,3 +93,14 @@ def read_imagenet1k(root: str | Path, devkit: str | Path | None = None) -> Listi
             items.append(Item("val", str(p.relative_to(root)), label_of[wnid]))
     classes = [ClassEntry(w, words.get(w, w)) for w in wnids]
     return Listing(root, classes, items)
+
+
+@register_source("imagenet1k")
+class ImageNet1kSource(ReleaseSource, Source):
+    """`vit-prep convert --source imagenet1k --input ROOT`: splits train and val; a flat val
+    folder needs the devkit at ROOT/ILSVRC2012_devkit_t12."""
+
+    samples_per_shard_hint = 2500
+
+    def read_release(self, root: Path) -> Listing:
+        return read_imagenet1k(root)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.sources.downstream import ClassEntry, Item, Listing, require
+from data_prep.sources import register_source
+from data_prep.sources.base import Source
+from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, require
 from sharding.errors import UserError
 
 SPLIT_FILES = {"train": "trainval.txt", "test": "test.txt"}
@@ -50,3 +52,13 @@ def read_pets(root: str | Path) -> Listing:
             items.append(Item(split, f"images/{image}.jpg", cid - 1))
     classes = [ClassEntry(str(cid), class_names[cid]) for cid in sorted(class_names)]
     return Listing(root, classes, items)
+
+
+@register_source("pets")
+class PetsSource(ReleaseSource, Source):
+    """`vit-prep convert --source pets --input ROOT`: splits train (trainval) and test."""
+
+    samples_per_shard_hint = 1000
+
+    def read_release(self, root: Path) -> Listing:
+        return read_pets(root)

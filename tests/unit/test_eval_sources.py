@@ -157,3 +157,25 @@ def test_flowers_missing_setid_names_it(tmp_path):
     (tmp_path / "setid.mat").unlink()
     with pytest.raises(UserError, match="setid.mat: missing"):
         read_flowers(tmp_path)
+
+
+# --------------------------------------------------------------------------- as convert sources
+@pytest.mark.parametrize("kind,make,counts", [
+    ("pets", _fake_pets, {"train": 3, "test": 3}),
+    ("flowers", _fake_flowers, {"train": 3, "val": 2, "test": 3}),
+    ("imagenet1k", _fake_imagenet, {"train": 12, "val": 6}),
+])
+def test_registered_as_convert_sources(tmp_path, kind, make, counts):
+    from data_prep.sources import SourceConfig, build_source
+
+    make(tmp_path)
+    source = build_source(SourceConfig(kind=kind, input=str(tmp_path)))
+    listing = source.list_items()
+    table = listing.items
+    ids = table.column("source_id").to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    splits = table.column("split").to_pylist()
+    assert {s: splits.count(s) for s in set(splits)} == counts
+    row = table.slice(0, 1).to_pylist()[0]
+    assert source.read(row)[:2] == b"\xff\xd8"  # the release's JPEG bytes, unchanged
+    assert listing.label_kind == "single"
