@@ -3,7 +3,7 @@
     # configs/pipeline/demo.yaml
     vars: {work: runs/pipeline-demo}
     stages:
-      - {stage: prep, config: ../prep/demo.yaml, overrides: ["prep.output=${vars.work}/data"]}
+      - {stage: prep, config: ../prep/demo.yaml, overrides: ["output=${vars.work}/data"]}
       - {stage: pretrain, config: ../pretrain/demo.yaml, overrides: ["data.path=${vars.work}/data"]}
 
 Stage config paths are relative to the pipeline file; `${vars.X}` ties the stages' paths

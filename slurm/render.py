@@ -18,26 +18,15 @@ TEMPLATE = Path(__file__).parent / "templates" / "job.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """A command word the batch shell expands when it runs (e.g. the array task id)."""
-
-    shell: str
-
-
 @dataclasses.dataclass
 class JobSpec:
     stage: str  # prep | merge | pretrain | finetune: names the job and its log files
     name: str  # job name (sbatch --job-name)
-    command: Sequence[str | Runtime]  # what every rank runs
+    command: Sequence[str]  # what every rank runs
     slurm: SlurmConfig
     log_dir: Path
     config: str  # the config file the job was rendered from (comment only)
     array: int = 0  # > 0: a job array of this many tasks (ids 0..array-1)
-
-
-def _word(w: str | Runtime) -> str:
-    return f'"{w.shell}"' if isinstance(w, Runtime) else shlex.quote(str(w))
 
 
 def _sbatch_options(job: JobSpec) -> list[str]:
@@ -93,7 +82,7 @@ def render(job: JobSpec) -> str:
         "sbatch_options": "\n".join(_sbatch_options(job)),
         "max_requeues": s.max_requeues,
         "exit_requeue": EXIT_REQUEUE,
-        "command": " ".join(_word(w) for w in [*prefix, *job.command]),
+        "command": " ".join(shlex.quote(str(w)) for w in [*prefix, *job.command]),
         "setup": "\n".join(s.setup),
         "env": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted(s.env.items())),
         "srun_options": srun_options,

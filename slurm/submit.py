@@ -29,13 +29,13 @@ from sharding.config_loader import ConfigError, parse_overrides, read_yaml
 from sharding.errors import UserError, cli_entry
 from slurm.config import SlurmConfig
 from slurm.pipeline import load_pipeline
-from slurm.render import JobSpec, Runtime, render
+from slurm.render import JobSpec, render
 from slurm.status import JOBS_FILE, status_lines
 
 # The module each stage runs (`python -m MODULE CONFIG`), and the config key naming the
 # folder the stage writes (its job logs go to FOLDER/slurm unless slurm.log_dir says else).
 STAGE_MODULES = {"pretrain": "pretrain.train", "finetune": "pretrain.finetune", "prep": "data_prep.cli"}
-OUTPUT_KEYS = {"pretrain": "run.dir", "finetune": "run.dir", "prep": "prep.output"}
+OUTPUT_KEYS = {"pretrain": "run.dir", "finetune": "run.dir", "prep": "output"}
 _SAFE_PATH = re.compile(r"^[\w./+@:,-]+$")
 
 
@@ -105,9 +105,8 @@ def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -
     name = f"vit-{stage}-{out.name}"  # the output folder tells jobs of different runs apart
     if stage == "prep":
         # Convert as an array (task i converts slice i of the plan), then one merge job.
-        convert = JobSpec("prep", f"{name}-convert",
-                          [*py, "convert", "--config", str(frozen), "--task-index", Runtime("$SLURM_ARRAY_TASK_ID"),
-                           "--num-tasks", str(s.array_tasks)],
+        # (vit-prep reads its slice from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.)
+        convert = JobSpec("prep", f"{name}-convert", [*py, "convert", "--config", str(frozen)],
                           s, log_dir, str(config), array=s.array_tasks)
         merge_slurm = dataclasses.replace(s, nodes=1, gpus_per_node=0)
         merge = JobSpec("merge", f"{name}-merge", [*py, "merge", "--config", str(frozen)],
@@ -115,6 +114,8 @@ def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -
         jobs = [convert, merge]
     else:
         jobs = [JobSpec(stage, name, [*py, str(frozen)], s, log_dir, str(config))]
+    if stage == "prep":
+        cfg.pop("slurm", None)  # a conversion recipe has no use for its job's resources
     return StageJobs(stage, log_dir, jobs), OmegaConf.to_yaml(cfg)
 
 

@@ -55,25 +55,25 @@ def test_cpu_job_runs_one_rank_per_node(h14, capsys):
 
 def test_prep_is_an_array_followed_by_a_merge(tmp_path, capsys):
     cfg = write(tmp_path / "prep.yaml", f"""
-prep: {{output: {tmp_path}/in21k}}
+output: {tmp_path}/in21k
 slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
 """)
     main(["prep", cfg, "--dry-run"])
     convert, merge = scripts(capsys.readouterr().out)
     assert parse_sbatch_options(convert)["array"] == "0-63%16"
-    assert '--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks 64' in convert
+    assert "-m data_prep.cli convert --config " in convert
     assert "%x-%A_%a.out" in convert
     assert "array" not in parse_sbatch_options(merge) and " merge --config " in merge
 
 
 def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
-    write(tmp_path / "prep.yaml", "prep: {output: unset}\n")
+    write(tmp_path / "prep.yaml", "output: unset\n")
     write(tmp_path / "pre.yaml", "run: {dir: unset}\n")
     write(tmp_path / "ft.yaml", "run: {dir: unset}\n")
     pipe = write(tmp_path / "pipe.yaml", """
 vars: {work: /scratch/demo}
 stages:
-  - {stage: prep, config: prep.yaml, overrides: ["prep.output=${vars.work}/data"]}
+  - {stage: prep, config: prep.yaml, overrides: ["output=${vars.work}/data"]}
   - {stage: pretrain, config: pre.yaml, overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
   - {stage: finetune, config: ft.yaml, overrides: ["run.dir=${vars.work}/finetune"]}
 """)
