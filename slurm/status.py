@@ -14,7 +14,8 @@ _FIELDS = ("JobId", "JobName", "JobState", "Reason", "RunTime", "Restarts", "Exi
 
 def job_records(run_dir: Path) -> list[dict]:
     """What vit-submit recorded about the jobs it submitted for this run (oldest first)."""
-    for folder in (run_dir / "slurm", run_dir):
+    # A run directory keeps its job logs in slurm/; a dataset's are in the sibling DIR.slurm.
+    for folder in (run_dir / "slurm", run_dir.with_name(run_dir.name + ".slurm"), run_dir):
         path = folder / JOBS_FILE
         if path.is_file():
             return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

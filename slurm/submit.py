@@ -33,7 +33,7 @@ from slurm.render import JobSpec, render
 from slurm.status import JOBS_FILE, status_lines
 
 # The module each stage runs (`python -m MODULE CONFIG`), and the config key naming the
-# folder the stage writes (its job logs go to FOLDER/slurm unless slurm.log_dir says else).
+# folder the stage writes (its job logs go next to or into it, see default_log_dir).
 STAGE_MODULES = {"pretrain": "pretrain.train", "finetune": "pretrain.finetune", "prep": "data_prep.cli"}
 OUTPUT_KEYS = {"pretrain": "run.dir", "finetune": "run.dir", "prep": "output"}
 _SAFE_PATH = re.compile(r"^[\w./+@:,-]+$")
@@ -79,6 +79,12 @@ def _output_dir(cfg: DictConfig, stage: str, where: str) -> Path:
     return Path(str(value)).absolute()
 
 
+def default_log_dir(stage: str, out: Path) -> Path:
+    # A dataset folder holds only the dataset (it is compared byte for byte), so convert
+    # logs go next to it; a run directory has room for its own job logs.
+    return out.with_name(out.name + ".slurm") if stage == "prep" else out / "slurm"
+
+
 def _python(s: SlurmConfig) -> str:
     return s.python or sys.executable
 
@@ -97,7 +103,7 @@ def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -
     cfg = _resolved([config], overrides)
     s = slurm_section(cfg, str(config))
     out = _output_dir(cfg, stage, str(config))
-    log_dir = Path(s.log_dir).absolute() if s.log_dir else out / "slurm"
+    log_dir = Path(s.log_dir).absolute() if s.log_dir else default_log_dir(stage, out)
     if not _SAFE_PATH.match(str(log_dir)):
         raise ConfigError(f"{config}: log folder {str(log_dir)!r} has characters sbatch cannot take unquoted")
     frozen = log_dir / f"{stage}-config.yaml"

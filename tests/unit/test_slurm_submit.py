@@ -82,7 +82,7 @@ stages:
     names = re.findall(r"^# ---- ([^\s:]+)", out, flags=re.M)
     assert names == ["vit-prep-data-convert", "vit-prep-data-merge", "vit-pretrain-pretrain", "vit-finetune-finetune"]
     prep, merge, pre, ft = scripts(out)
-    assert "/scratch/x/data/slurm" in prep
+    assert "--output=/scratch/x/data.slurm/%x-%A_%a.out" in prep
     assert parse_sbatch_options(prep)["nodes"] == "1"  # --nodes is for the training stages
     assert parse_sbatch_options(pre)["nodes"] == "4" and parse_sbatch_options(ft)["nodes"] == "4"
 
