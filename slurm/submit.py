@@ -115,7 +115,7 @@ def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -
         convert = JobSpec("prep", f"{name}-convert", [*py, "convert", "--config", str(frozen)],
                           s, log_dir, str(config), array=s.array_tasks)
         merge_slurm = dataclasses.replace(s, nodes=1, gpus_per_node=0)
-        merge = JobSpec("merge", f"{name}-merge", [*py, "merge", "--config", str(frozen)],
+        merge = JobSpec("merge", f"{name}-merge", [*py, "merge", str(out)],
                         merge_slurm, log_dir, str(config))
         jobs = [convert, merge]
     else:

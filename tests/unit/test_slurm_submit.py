@@ -63,7 +63,7 @@ slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
     assert parse_sbatch_options(convert)["array"] == "0-63%16"
     assert "-m data_prep.cli convert --config " in convert
     assert "%x-%A_%a.out" in convert
-    assert "array" not in parse_sbatch_options(merge) and " merge --config " in merge
+    assert "array" not in parse_sbatch_options(merge) and f" merge {tmp_path}/in21k)" in merge
 
 
 def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
