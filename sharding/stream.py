@@ -107,8 +107,10 @@ class ShardSource:
             reason = "truncated"  # the shard held fewer samples than its index says
         except ShardDamage as e:
             reason = e.reason
-        except OSError:
+            log.warning("%s: %s", self.name(shard), e)
+        except Exception as e:  # missing file, refused connection, no range support: all count alike
             reason = "unreadable"
+            log.warning("%s: cannot read: %s", self.name(shard), e)
         for _ in range(count - done):
             yield reason
 
@@ -151,6 +153,11 @@ def check_error_rate(counters: dict[str, int], samples: int, max_rate: float, mi
             f"{bad} of {samples} samples were unusable ({detail}), over data.max_error_rate={max_rate}; "
             f"check the shards with the verifier or raise the limit"
         )
+
+
+def decode_failure(e: Exception) -> str:
+    """Counter name of a decoder exception: a member the sample lacks, or bytes that do not decode."""
+    return "missing_member" if isinstance(e, KeyError) else "decode_error"
 
 
 # -- one partition -----------------------------------------------------------------------------
@@ -222,8 +229,8 @@ class PartitionReader:
             return None, "excluded"
         try:
             return self.decode(item, key), None
-        except Exception:  # any decoder failure is a bad sample, by contract
-            return None, "decode_error"
+        except Exception as e:  # any decoder failure is a bad sample, by contract
+            return None, decode_failure(e)
 
     def _where(self, pos: int) -> str:
         i, offset = self._locate(pos)
@@ -244,8 +251,8 @@ class PartitionReader:
         self.counters["substituted"] += 1
         if self.logged < MAX_LOGGED:
             self.logged += 1
-            name = item.key if isinstance(item, ShardSample) else "?"
-            log.warning("%s (key %s): %s; substituted", self._where(pos), name, reason)
+            key_note = f" (key {item.key})" if isinstance(item, ShardSample) else ""
+            log.warning("%s%s: %s; substituted", self._where(pos), key_note, reason)
         return self._substitute(j, key)
 
     def _substitute(self, j: int, key: tuple[int, ...]) -> Any:
@@ -357,7 +364,7 @@ def read_eval_batch(
                     raise ValueError(item)
                 items.append(decode(item, (pos + i,)))
             except Exception as e:
-                reason = item if isinstance(item, str) else "decode_error"
+                reason = item if isinstance(item, str) else decode_failure(e)
                 counters[reason] += 1
                 log.warning("%s sample %d: %s; left out of evaluation (%s)", source.name(shard), first + i, reason, e)
                 items.append(None)

@@ -3,8 +3,8 @@
 A sample is the run of consecutive members sharing a key (the member path up to the first
 dot of its file name, as webdataset groups them). Reading starts at any member boundary, so a
 reader that owns the second half of a shard seeks straight to it. A shard cut short raises
-`TruncatedShard` after the last complete sample; a sample is complete only once the next
-key (or the end-of-archive marker) has been seen.
+`TruncatedShard` after the samples read before the cut; the one the cut falls in is lost
+unless the cut came between its members (then it lacks a member, caught when decoded).
 """
 from __future__ import annotations
 
@@ -115,13 +115,19 @@ def iter_samples(f: BinaryIO) -> Iterator[ShardSample]:
     """Samples from the current position; damage is raised after the last complete sample."""
     key: str | None = None
     members: dict[str, bytes] = {}
-    for path, data in iter_members(f):
-        k, ext = split_key(path)
-        if k != key and key is not None:
+    try:
+        for path, data in iter_members(f):
+            k, ext = split_key(path)
+            if k != key and key is not None:
+                yield ShardSample(key, members)
+                members = {}
+            key = k
+            members[ext] = data
+    except ShardDamage:
+        # The members read so far are whole; a missing one shows when the sample is decoded.
+        if key is not None:
             yield ShardSample(key, members)
-            members = {}
-        key = k
-        members[ext] = data
+        raise
     if key is not None:
         yield ShardSample(key, members)
 
