@@ -69,11 +69,10 @@ def test_eval_centre_crop_and_normalisation():
 
 
 def test_pixel_limit_is_checked_before_decoding():
-    # A header claiming 20000 x 20000 pixels: refused from the header alone.
-    big = io.BytesIO()
-    Image.new("L", (1, 1)).save(big, "PNG")
-    data = bytearray(big.getvalue())
-    data[16:24] = (20000).to_bytes(4, "big") * 2
+    # A JPEG whose frame header claims 10000 x 10000 pixels: refused from the header alone.
+    data = bytearray(_jpeg(np.zeros((8, 8, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (10000).to_bytes(2, "big") * 2
     with pytest.raises(ValueError, match="pixel limit"):
         T.open_image(bytes(data))
 
