@@ -1,4 +1,6 @@
 """Downstream release layouts read from small fakes that copy the official names and formats."""
+import zlib
+
 import numpy as np
 import pytest
 import scipy.io
@@ -10,9 +12,11 @@ from data_prep.sources.pets import read_pets
 from sharding.errors import UserError
 
 
-def _jpeg(path, shade=0):
+def _jpeg(path):
+    """A small JPEG whose pixels differ per file name (so no two files are exact duplicates)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (12, 10), (shade, 80, 160)).save(path, "JPEG")
+    rng = np.random.default_rng(zlib.crc32(path.name.encode()))
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path, "JPEG")
 
 
 def _labels(listing, split):
@@ -134,6 +138,7 @@ def test_pets_bad_line_names_file_and_line(tmp_path):
 
 # --------------------------------------------------------------------------- Flowers-102
 def _fake_flowers(root):
+    root.mkdir(parents=True, exist_ok=True)
     labels = np.array([[3, 1, 2, 3, 1, 2, 102, 5]], dtype=np.uint8)  # 1-based, shape (1, N) as released
     scipy.io.savemat(root / "imagelabels.mat", {"labels": labels})
     scipy.io.savemat(root / "setid.mat", {"trnid": np.array([[1, 2, 7]], np.uint16), "valid": np.array([[3, 4]], np.uint16),
