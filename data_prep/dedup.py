@@ -41,13 +41,15 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from scipy.fft import dctn
 from tqdm import tqdm
 
-from sharding.atomic import atomic_write_bytes, atomic_write_text
+from sharding import format as fmt
+from sharding import open_dataset
+from sharding.atomic import atomic_write_text
 from sharding.errors import UserError, cli_entry
+from sharding.index import write_table
 from sharding.tar_reader import ShardDamage, iter_samples
 
 THUMB = 32  # side of the grey thumbnail the DCT is taken on
@@ -230,9 +232,9 @@ def find_matches(query: Signatures, ref: Signatures, threshold: float = THRESHOL
 
 # --------------------------------------------------------------------------- datasets
 def split_shards(dataset: Path, split: str) -> list[Path]:
-    if not (dataset / "dataset.json").is_file():
-        raise UserError(f"{dataset}: not a shard dataset (no dataset.json)")
-    shards = sorted((dataset / "shards").glob(f"{split}-*.tar"))
+    if not (dataset / fmt.DATASET_JSON).is_file():
+        raise UserError(f"{dataset}: not a shard dataset (no {fmt.DATASET_JSON})")
+    shards = [Path(s.path) for s in open_dataset(dataset).shards(split)]
     if not shards:
         raise UserError(f"{dataset}: split {split!r} has no shards")
     return shards
@@ -319,18 +321,17 @@ def deduplicate(pretrain: Path, splits: Sequence[str], test_sets: Sequence[TestS
 
 
 # --------------------------------------------------------------------------- outputs
-def reason(m: Match, result: DedupResult) -> str:
-    return f"{m.kind}-duplicate of {result.test_names[m.test_index]}/{result.test_keys[m.test_index]}"
-
-
 def write_exclusions(pretrain: Path, name: str, result: DedupResult) -> Path:
-    out = pretrain / "exclusions" / f"dedup-{name}.parquet"
-    table = pa.table({"key": [m.key for m in result.matches], "reason": [reason(m, result) for m in result.matches]},
-                     schema=pa.schema([("key", pa.string()), ("reason", pa.string())]))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, buf.getvalue())
+    """`exclusions/dedup-NAME.parquet`: the stream reads key and reason; the rest is for people."""
+    out = pretrain / fmt.EXCLUSIONS_DIR / f"dedup-{name}.parquet"
+    table = pa.table({
+        "key": [m.key for m in result.matches],
+        "reason": [f"{m.kind}_duplicate_of_test_image" for m in result.matches],
+        "duplicate_of": [f"{result.test_names[m.test_index]}/{result.test_keys[m.test_index]}" for m in result.matches],
+        "distance": [m.distance for m in result.matches],
+    }, schema=pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()),
+                         ("distance", pa.float64())]))
+    write_table(out, table)
     return out
 
 

@@ -95,7 +95,7 @@ def _open(data: bytes) -> Image.Image:
     except UnidentifiedImageError:
         raise Rejected(NOT_AN_IMAGE, "no known image header") from None
     except Exception as e:  # Pillow raises many types for broken headers
-        raise Rejected(UNDECODABLE, f"{type(e).__name__}: {e}") from None
+        raise _decode_error(e) from None
 
 
 def _orientation(img: Image.Image) -> int:
@@ -105,13 +105,17 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+def _decode_error(e: Exception) -> Rejected:
+    msg = str(e)
+    truncated = "truncated" in msg.lower() or "broken data stream" in msg.lower()
+    return Rejected(TRUNCATED if truncated else UNDECODABLE, f"{type(e).__name__}: {msg}")
+
+
 def _decode(img: Image.Image) -> None:
     try:
         img.load()
     except Exception as e:
-        msg = str(e)
-        reason = TRUNCATED if "truncated" in msg or "broken data stream" in msg else UNDECODABLE
-        raise Rejected(reason, f"{type(e).__name__}: {msg}") from None
+        raise _decode_error(e) from None
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
