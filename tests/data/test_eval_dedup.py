@@ -7,8 +7,7 @@ overlap every test crop by IoU < 0.3, crops of the photos no test image comes fr
 the LFW faces scikit-image ships.
 """
 import io
-import json
-import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +17,10 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from data_prep import dedup
+from data_prep.config import PrepConfig
+from data_prep.convert import run_convert
+from data_prep.sources import SourceConfig
+from sharding import open_dataset
 
 SOURCE_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "immunohistochemistry",
                  "hubble_deep_field", "retina", "moon", "brick", "grass"]
@@ -151,38 +154,47 @@ def test_undecodable_image_is_reported_not_fatal():
 
 
 # --------------------------------------------------------------------------- the CLI on shard datasets
-def _write_dataset(root, split, samples):
-    """A minimal shard dataset: dataset.json + shards/{split}-000000.tar of KEY.jpg + KEY.cls."""
-    (root / "shards").mkdir(parents=True)
-    (root / "dataset.json").write_text(json.dumps({"name": root.name, "splits": {split: {"samples": len(samples)}}}))
-    with tarfile.open(root / "shards" / f"{split}-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, data in samples:
-            for ext, payload in (("jpg", data), ("cls", b"0")):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+def _convert_images(tmp_path, name, images):
+    """A shard dataset (split train) made by the convert job from loose image files."""
+    release = tmp_path / f"{name}_release"
+    folder = release / "train" / "n00000001"  # one synset folder: the simplest release layout
+    folder.mkdir(parents=True)
+    for key, data in images:
+        (folder / f"{key}.JPEG").write_bytes(data)
+    out = tmp_path / name
+    run_convert(PrepConfig(source=SourceConfig(kind="imagenet1k", input=str(release)), output=str(out), dedup=False))
+    ds = open_dataset(out)
+    key_of = {Path(r["source_id"]).stem: r["key"] for s in ds.shards("train")
+              for r in ds.sample_index("train", s.name).select(["key", "source_id"]).to_pylist()}
+    return out, key_of
 
 
-def test_cli_writes_exclusions_and_report(corpus, tmp_path):
+def test_cli_writes_exclusions_the_stream_honours_and_report(corpus, tmp_path):
     tests, planted, distinct = corpus
-    _write_dataset(tmp_path / "pets", "test", tests[:4])
-    pretrain_samples = [(k, b) for k, b, src in planted if src < 4] + distinct[:40]
-    _write_dataset(tmp_path / "pre", "train", pretrain_samples)
-    rc = dedup.main([str(tmp_path / "pre"), "--against", f"{tmp_path / 'pets'}:test", "--name", "pets"])
+    test_dir, test_key = _convert_images(tmp_path, "downstream", tests[:4])
+    pretrain_images = [(k, b) for k, b, src in planted if src < 4] + distinct[:40]
+    pre_dir, pre_key = _convert_images(tmp_path, "pre", pretrain_images)
+
+    rc = dedup.main([str(pre_dir), "--against", f"{test_dir}:train", "--name", "pets", "--workers", "2"])
     assert rc == 0
-    table = pq.read_table(tmp_path / "pre" / "exclusions" / "dedup-pets.parquet")
-    assert table.schema.names == ["key", "reason"]
-    keys = table.column("key").to_pylist()
-    planted_keys = {k for k, _, src in planted if src < 4}
-    assert set(keys) == planted_keys
-    reasons = dict(zip(keys, table.column("reason").to_pylist()))
-    k0 = next(k for k, _, src in planted if src == 0)
-    assert reasons[k0].endswith(f"duplicate of pets:test/{tests[0][0]}")
-    page = (tmp_path / "pre" / "reports" / "dedup-pets.html").read_text()
+    table = pq.read_table(pre_dir / "exclusions" / "dedup-pets.parquet")
+    assert table.schema.names[:2] == ["key", "reason"]
+    rows = table.to_pylist()
+    planted_keys = {pre_key[k] for k, _, src in planted if src < 4}
+    assert {r["key"] for r in rows} == planted_keys
+    for k, _, src in planted:
+        if src < 4:
+            row = next(r for r in rows if r["key"] == pre_key[k])
+            assert row["duplicate_of"] == f"downstream:train/{test_key[tests[src][0]]}"
+            assert row["reason"] in ("near_duplicate_of_test_image", "exact_duplicate_of_test_image")
+            assert row["distance"] <= dedup.THRESHOLD
+    assert open_dataset(pre_dir).excluded_keys() >= planted_keys  # what the sample stream skips
+    page = (pre_dir / "reports" / "dedup-pets.html").read_text()
     assert page.count("<tr>") == len(planted_keys) + 1 and page.count("data:image/jpeg") == 2 * len(planted_keys)
 
 
-def test_cli_names_missing_split(tmp_path, capsys):
-    _write_dataset(tmp_path / "pre", "train", [])
-    assert dedup.main([str(tmp_path / "pre"), "--against", f"{tmp_path / 'pre'}:test"]) == 2
-    assert "split 'test' has no shards" in capsys.readouterr().err
+def test_cli_names_missing_split(corpus, tmp_path, capsys):
+    _, _, distinct = corpus
+    pre_dir, _ = _convert_images(tmp_path, "pre", distinct[:3])
+    assert dedup.main([str(pre_dir), "--against", f"{pre_dir}:test"]) == 2
+    assert "no split 'test'" in capsys.readouterr().err
