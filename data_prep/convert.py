@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import shutil
 import socket
 import sys
 import time
@@ -239,9 +240,11 @@ def run_convert(cfg: PrepConfig) -> dict:
     doc = plan_document(cfg, source, listing)
     del listing  # workers map the cached listing themselves
     if _check_output(out, doc) == "complete":
+        # A merge killed while removing its work area leaves some of it behind.
+        shutil.rmtree(out / fmt.WORK_DIR, ignore_errors=True)
         print(f"{out}: already converted and merged; nothing to do", file=sys.stderr)
         return {"converted": 0, "complete": True}
-    for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
+    for folder in (".", fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.EXCLUSIONS_DIR, fmt.WORK_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out / folder)  # left by a killed run; their shards are redone
 
