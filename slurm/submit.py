@@ -98,9 +98,10 @@ def flag_overrides(args: argparse.Namespace, training: bool) -> list[str]:
 
 
 # --------------------------------------------------------------------------- stages
-def build_stage(stage: str, config: str | Path, overrides: Sequence[str] = ()) -> tuple[StageJobs, str]:
-    """Render one stage: (its jobs, the frozen config text they run)."""
-    cfg = _resolved([config], overrides)
+def build_stage(stage: str, config: str | Path | None, overrides: Sequence[str] = ()) -> tuple[StageJobs, str]:
+    """Render one stage: (its jobs, the frozen config text they run); config None: overrides only."""
+    cfg = _resolved([config] if config else [], overrides)
+    config = config or f"{stage} overrides"
     s = slurm_section(cfg, str(config))
     out = _output_dir(cfg, stage, str(config))
     log_dir = Path(s.log_dir).absolute() if s.log_dir else default_log_dir(stage, out)

@@ -9,7 +9,9 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,68 @@ def slurm_cluster(tmp_path_factory) -> LocalCluster:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+# --------------------------------------------------------------------------- trainer runs
+BIN = Path(sys.executable).parent
+PRETRAIN_DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+TINY_STEPS = 60
+# The demo recipe with a tiny model: a step is fast, and there are enough of them that a
+# signal sent after step 5 lands mid-run.
+TINY_PRETRAIN = [
+    "model.depth=2", "model.width=32", "model.heads=2", "model.mlp_dim=64",
+    f"train.steps={TINY_STEPS}", "train.batch_size=16", "train.log_every=1", "train.optim.warmup_steps=3",
+    "checkpoint.every=20", "checkpoint.keep=2", "data.workers=0", "eval.every=0", "eval.fewshot_shots=[]",
+]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The demo dataset converted by hand (one process)."""
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
+                   capture_output=True, text=True)
+    return out
+
+
+def torchrun(module: str, *args: str) -> None:
+    """A stage run by hand: 2 ranks on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m", module, *args],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def pretrain_by_hand(digits_shards, tmp_path_factory) -> Path:
+    """The tiny pretraining run by hand, never interrupted: what every SLURM run must reproduce."""
+    run = tmp_path_factory.mktemp("pretrain_by_hand") / "run"
+    torchrun("pretrain.train", str(PRETRAIN_DEMO), f"data.path={digits_shards}", f"run.dir={run}", *TINY_PRETRAIN)
+    return run
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    from pretrain.checkpoint import scan
+    from pretrain.export import consolidated_state_dict
+
+    newest = scan(run_dir / "checkpoints").newest
+    assert newest is not None and newest.name == f"step-{step:08d}", newest
+    return consolidated_state_dict(newest)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="session")
+def runs():
+    """The helpers above, for test modules (which cannot import this conftest by name)."""
+    return types.SimpleNamespace(bin=BIN, pretrain_demo=PRETRAIN_DEMO, steps=TINY_STEPS, tiny_pretrain=TINY_PRETRAIN,
+                                 torchrun=torchrun, final_weights=final_weights,
+                                 assert_same_weights=assert_same_weights)

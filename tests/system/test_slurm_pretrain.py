@@ -3,64 +3,24 @@ node, gloo): a warning signal or a preemption mid-run saves, requeues the job, r
 ends with exactly the weights of an uninterrupted run started by hand (torchrun, 2 ranks)."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from pretrain.checkpoint import scan
-from pretrain.export import consolidated_state_dict
 from pretrain.run_log import read_metrics
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
-STEPS = 60
-# A tiny model so a step is fast, enough steps that a signal lands mid-run.
-SMALL = [
-    "model.depth=2", "model.width=32", "model.heads=2", "model.mlp_dim=64",
-    f"train.steps={STEPS}", "train.batch_size=16", "train.log_every=1", "train.optim.warmup_steps=3",
-    "checkpoint.every=20", "checkpoint.keep=2", "data.workers=0", "eval.every=0", "eval.fewshot_shots=[]",
-]
 # Whole nodes (2 CPUs each), so a job of the high partition has to preempt it.
 SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=2", "slurm.time=10:00", "slurm.max_requeues=2"]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
-                   capture_output=True, text=True)
-    return out
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    newest = scan(run_dir / "checkpoints").newest
-    assert newest is not None and newest.name == f"step-{STEPS:08d}", newest
-    return consolidated_state_dict(newest)
-
-
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory) -> dict[str, torch.Tensor]:
-    """The same run by hand: torchrun, 2 ranks, never interrupted."""
-    run = tmp_path_factory.mktemp("by_hand") / "run"
-    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29731", "-m", "pretrain.train",
-                        str(DEMO), f"data.path={shards}", f"run.dir={run}", *SMALL],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return final_weights(run)
-
-
-def submit(run: Path, shards: Path) -> str:
-    p = subprocess.run([str(BIN / "vit-submit"), "pretrain", str(DEMO), f"data.path={shards}", f"run.dir={run}",
-                        *SMALL, *SLURM], capture_output=True, text=True)
+def submit(runs, run: Path, shards: Path) -> str:
+    p = subprocess.run([str(runs.bin / "vit-submit"), "pretrain", str(runs.pretrain_demo), f"data.path={shards}",
+                        f"run.dir={run}", *runs.tiny_pretrain, *SLURM], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     return re.search(r"submitted \S+: job (\d+)", p.stdout).group(1)
 
@@ -72,7 +32,7 @@ def wait_logged_step(run: Path, step: int, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def assert_resumed_and_identical(cluster, job_id: str, run: Path, reference, signum: int) -> None:
+def assert_resumed_and_identical(cluster, runs, job_id: str, run: Path, by_hand: Path, signum: int) -> None:
     info = cluster.wait_state(job_id, {"COMPLETED"}, timeout=180)
     assert info["Restarts"] == "1"
     logs = run / "slurm"
@@ -81,26 +41,25 @@ def assert_resumed_and_identical(cluster, job_id: str, run: Path, reference, sig
     first, second = ((logs / f"vit-pretrain-run-{job_id}-r{i}-0.log").read_text() for i in (0, 1))
     assert f"stop requested (signal {signum})" in first
     saved = int(re.search(r"resuming from \S+ \(step (\d+)", second).group(1))
-    assert 0 < saved < STEPS
-    weights = final_weights(run)
-    assert weights.keys() == reference.keys()
-    for k in weights:
-        assert torch.equal(weights[k], reference[k]), k
+    assert 0 < saved < runs.steps
+    runs.assert_same_weights(runs.final_weights(run, runs.steps), runs.final_weights(by_hand, runs.steps))
 
 
-def test_warning_signal_mid_pretraining_resumes_to_identical_weights(slurm_cluster, shards, reference, tmp_path):
+def test_warning_signal_mid_pretraining_resumes_to_identical_weights(slurm_cluster, runs, digits_shards,
+                                                                     pretrain_by_hand, tmp_path):
     run = tmp_path / "run"
-    job_id = submit(run, shards)
+    job_id = submit(runs, run, digits_shards)
     wait_logged_step(run, 5)
     slurm_cluster.run("scancel", "--signal=USR1", job_id)
-    assert_resumed_and_identical(slurm_cluster, job_id, run, reference, signum=10)
+    assert_resumed_and_identical(slurm_cluster, runs, job_id, run, pretrain_by_hand, signum=10)
 
 
-def test_preemption_saves_in_grace_time_and_resumes_to_identical_weights(slurm_cluster, shards, reference, tmp_path):
+def test_preemption_saves_in_grace_time_and_resumes_to_identical_weights(slurm_cluster, runs, digits_shards,
+                                                                         pretrain_by_hand, tmp_path):
     run = tmp_path / "run"
-    job_id = submit(run, shards)
+    job_id = submit(runs, run, digits_shards)
     wait_logged_step(run, 5)
     high = slurm_cluster.sbatch("--partition=high", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                                 f"--output={tmp_path}/high-%j.out", "--wrap", "srun true")
     slurm_cluster.wait_state(high, {"COMPLETED"}, timeout=90)
-    assert_resumed_and_identical(slurm_cluster, job_id, run, reference, signum=15)
+    assert_resumed_and_identical(slurm_cluster, runs, job_id, run, pretrain_by_hand, signum=15)
