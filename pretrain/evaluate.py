@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem = f"{ds.name}-{args.split}-{model.cfg.img_size}px"
         header = {"weights": str(args.weights), "data": str(args.data), "split": args.split,
                   "model": model.cfg.name, "resolution": model.cfg.img_size, "ranks": env.world_size,
-                  "init": "; ".join(init.lines())}
+                  "init": "; ".join(line.removeprefix("init: ") for line in init.lines())}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / f"{stem}.json", json.dumps({**header, "results": results}, indent=2) + "\n")
         atomic_write_text(out / f"{stem}.md", _markdown(results, header))
