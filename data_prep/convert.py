@@ -22,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_prep.config import PrepConfig, parse_splits, resolve_tasks, validate
@@ -30,11 +29,12 @@ from data_prep.plan import Plan, ShardTask, split_sort_key
 from data_prep.policy import ImagePolicy, Rejected, convert_image
 from data_prep.sources import Listing, Source, build_source
 from sharding import format as fmt
-from sharding.atomic import atomic_write_text, remove_stale_temps
+from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from sharding.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SAMPLE_SCHEMA, table_from_rows, write_table
 from sharding.writer import ShardTarWriter
 
+LISTING_CACHE = "listing.arrow"  # Arrow IPC, so tasks can memory-map it
 UNEXPECTED = "unexpected_error"  # a bug or an exotic input: counted and kept, not fatal
 
 
@@ -73,15 +73,24 @@ def _group_by_split(items: pa.Table) -> pa.Table:
     return items.take(pa.array(np.argsort(rank, kind="stable")))
 
 
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    with atomic_open(path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_listing_cache(out: Path) -> pa.Table:
+    """The cached listing, memory-mapped: a task pages in only the rows it converts."""
+    return pa.ipc.open_file(pa.memory_map(str(work_path(out, LISTING_CACHE)))).read_all()
+
+
 def load_listing(source: Source, out: Path, cache_it: bool = True) -> Listing:
     """List the source once per output folder: array tasks share the cached listing."""
-    cache, meta_path = work_path(out, "listing.parquet"), work_path(out, "listing.json")
+    meta_path = work_path(out, "listing.json")
     fingerprint = source.fingerprint()
-    if cache.is_file() and meta_path.is_file():
+    if work_path(out, LISTING_CACHE).is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta["fingerprint"] == fingerprint:
-            items = pq.read_table(cache, memory_map=True)
-            return Listing(items, [tuple(c) for c in meta["classes"]], meta["label_kind"])
+            return Listing(read_listing_cache(out), [tuple(c) for c in meta["classes"]], meta["label_kind"])
     print(f"listing source {source.kind} ...", file=sys.stderr)
     listing = source.list_items()
     _check_listing(listing, source.kind)
@@ -89,7 +98,8 @@ def load_listing(source: Source, out: Path, cache_it: bool = True) -> Listing:
         listing.items = _group_by_split(listing.items)
     if not cache_it:
         return listing
-    write_table(cache, listing.items)
+    listing.items = listing.items.combine_chunks()
+    _write_arrow(work_path(out, LISTING_CACHE), listing.items)
     atomic_write_text(meta_path, canonical_json({
         "fingerprint": fingerprint, "classes": [list(c) for c in listing.classes],
         "label_kind": listing.label_kind}))
@@ -138,7 +148,7 @@ class _Worker:
         self.policy = ImagePolicy(**doc["policy"])
         self.plan = Plan.from_dict(doc["plan"])
         self.multi = doc["label_kind"] == fmt.LABEL_MULTI
-        self.listing = pq.read_table(work_path(out, "listing.parquet"), memory_map=True)
+        self.listing = read_listing_cache(out)
 
     def _label_member(self, row: dict) -> tuple[str, bytes, Optional[int], Optional[list]]:
         if self.multi:
