@@ -152,7 +152,7 @@ class _TrainBatches(IterableDataset):
         )  # fmt: skip
         for batch in stream:
             images, labels = zip(*batch.items)
-            x = T.normalize(T.to_batch(list(images)), tuple(L.cfg.mean), tuple(L.cfg.std))
+            x = T.batch_images(list(images), tuple(L.cfg.mean), tuple(L.cfg.std))
             y = _targets(list(labels), L.split.multi_label)
             if L.cfg.mixup_alpha > 0:
                 if not L.split.multi_label:
@@ -246,7 +246,7 @@ class _EvalBatches(IterableDataset):
             valid = [item is not None for item in items] + [False] * (L.batch_size - len(items))
             items = [item if item is not None else blank for item in items] + [blank] * (L.batch_size - len(items))
             images, labels = zip(*items)
-            x = T.normalize(T.to_batch(list(images)), tuple(L.cfg.mean), tuple(L.cfg.std))
+            x = T.batch_images(list(images), tuple(L.cfg.mean), tuple(L.cfg.std))
             yield x, _targets(list(labels), L.split.multi_label), torch.tensor(valid)
 
 

@@ -63,7 +63,7 @@ def test_eval_centre_crop_and_normalisation():
     pixels[:, 50:150] = 255  # the centred square is white, the sides black
     out = T.eval_image(_jpeg(pixels, 100), 32)
     assert out.shape == (32, 32, 3) and out[4:-4, 4:-4].min() > 240
-    x = T.normalize(T.to_batch([out, np.zeros_like(out)]), (0.5,) * 3, (0.5,) * 3)
+    x = T.batch_images([out, np.zeros_like(out)], (0.5,) * 3, (0.5,) * 3)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
     assert x[0].max() == 1.0 and x[1].min() == -1.0
 
