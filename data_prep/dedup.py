@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -297,10 +298,12 @@ class DedupResult:
     skipped: list
 
 
-def deduplicate(pretrain: Path, splits: Sequence[str], test_sets: Sequence[TestSet], workers: int = 1) -> DedupResult:
+def deduplicate(pretrain: Path, splits: Sequence[str], test_sets: Sequence[TestSet], workers: int = 1,
+                task_index: int = 0, num_tasks: int = 1) -> DedupResult:
+    """Scan this task's share of the pretraining shards (every num_tasks-th) against the test sets."""
     test = Signatures.concat([t.signatures for t in test_sets])
     names = [t.name for t in test_sets for _ in t.signatures.keys]
-    shards = [s for split in splits for s in split_shards(pretrain, split)]
+    shards = [s for split in splits for s in split_shards(pretrain, split)][task_index::num_tasks]
     matches, thumbs, skipped = [], {}, []
     pool = None
     if workers > 1:
@@ -321,9 +324,27 @@ def deduplicate(pretrain: Path, splits: Sequence[str], test_sets: Sequence[TestS
 
 
 # --------------------------------------------------------------------------- outputs
-def write_exclusions(pretrain: Path, name: str, result: DedupResult) -> Path:
-    """`exclusions/dedup-NAME.parquet`: the stream reads key and reason; the rest is for people."""
-    out = pretrain / fmt.EXCLUSIONS_DIR / f"dedup-{name}.parquet"
+def exclusion_name(name: str, task_index: int, num_tasks: int) -> str:
+    return f"dedup-{name}" if num_tasks == 1 else f"dedup-{name}-task{task_index:05d}-of-{num_tasks:05d}"
+
+
+def remove_other_splits(pretrain: Path, name: str, num_tasks: int) -> None:
+    """Drop this list's files left by a run cut into a different number of tasks.
+
+    The stream excludes the union of exclusions/*.parquet, so a stale file from an earlier
+    split of the work would go on excluding; files of the current split are left alone
+    (other tasks may be writing them).
+    """
+    ours = re.compile(rf"dedup-{re.escape(name)}(-task\d{{5}}-of-(\d{{5}}))?\.parquet")
+    for path in (pretrain / fmt.EXCLUSIONS_DIR).glob("dedup-*.parquet"):
+        m = ours.fullmatch(path.name)
+        if m and int(m.group(2) or 1) != num_tasks:
+            path.unlink()
+
+
+def write_exclusions(pretrain: Path, stem: str, result: DedupResult) -> Path:
+    """`exclusions/STEM.parquet`: the stream reads key and reason; the rest is for people."""
+    out = pretrain / fmt.EXCLUSIONS_DIR / f"{stem}.parquet"
     table = pa.table({
         "key": [m.key for m in result.matches],
         "reason": [f"{m.kind}_duplicate_of_test_image" for m in result.matches],
@@ -371,14 +392,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", default="train", help="comma-separated pretraining splits to scan")
     p.add_argument("--name", default="downstream", help="exclusion list name: exclusions/dedup-NAME.parquet")
     p.add_argument("--workers", type=int, default=1, help="processes scanning pretraining shards")
+    p.add_argument("--num-tasks", type=int, default=1, help="split the shards over this many jobs (a SLURM array)")
+    p.add_argument("--task-index", type=int, default=0, help="this job's share: 0..num-tasks-1")
     p.add_argument("--report", type=Path, help="HTML report path (default: PRETRAIN/reports/dedup-NAME.html)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.task_index < args.num_tasks:
+        raise UserError(f"--task-index {args.task_index} is not in 0..{args.num_tasks - 1}")
     test_sets = [load_test_set(spec) for spec in args.against]
-    result = deduplicate(args.pretrain, args.splits.split(","), test_sets, workers=args.workers)
-    out = write_exclusions(args.pretrain, args.name, result)
-    report = args.report or args.pretrain / "reports" / f"dedup-{args.name}.html"
+    result = deduplicate(args.pretrain, args.splits.split(","), test_sets, workers=args.workers,
+                         task_index=args.task_index, num_tasks=args.num_tasks)
+    stem = exclusion_name(args.name, args.task_index, args.num_tasks)
+    remove_other_splits(args.pretrain, args.name, args.num_tasks)
+    out = write_exclusions(args.pretrain, stem, result)
+    report = args.report or args.pretrain / "reports" / f"{stem}.html"
     report.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, result)
     exact = sum(m.kind == "exact" for m in result.matches)

@@ -198,3 +198,25 @@ def test_cli_names_missing_split(corpus, tmp_path, capsys):
     pre_dir, _ = _convert_images(tmp_path, "pre", distinct[:3])
     assert dedup.main([str(pre_dir), "--against", f"{pre_dir}:test"]) == 2
     assert "no split 'test'" in capsys.readouterr().err
+
+
+def test_tasks_split_the_shards_and_replace_an_earlier_split(corpus, tmp_path):
+    tests, planted, distinct = corpus
+    test_dir, _ = _convert_images(tmp_path, "downstream", tests[:2])
+    images = [(k, b) for k, b, src in planted if src < 2] + distinct[:30]
+    release = tmp_path / "pre_release" / "train" / "n00000001"
+    release.mkdir(parents=True)
+    for key, data in images:
+        (release / f"{key}.JPEG").write_bytes(data)
+    pre = tmp_path / "pre"
+    run_convert(PrepConfig(source=SourceConfig(kind="imagenet1k", input=str(release.parents[1])), output=str(pre),
+                           dedup=False, samples_per_shard=8))
+    common = [str(pre), "--against", f"{test_dir}:train", "--name", "t"]
+    assert dedup.main(common) == 0
+    single = open_dataset(pre).excluded_keys()
+    assert len(single) == sum(src < 2 for _, _, src in planted)
+    for i in range(3):
+        assert dedup.main(common + ["--num-tasks", "3", "--task-index", str(i)]) == 0
+    files = sorted(p.name for p in (pre / "exclusions").glob("dedup-*"))
+    assert files == [f"dedup-t-task{i:05d}-of-00003.parquet" for i in range(3)]  # the single-task list is gone
+    assert open_dataset(pre).excluded_keys() == single
