@@ -98,7 +98,6 @@ def load_listing(source: Source, out: Path, cache_it: bool = True) -> Listing:
         listing.items = _group_by_split(listing.items)
     if not cache_it:
         return listing
-    listing.items = listing.items.combine_chunks()
     _write_arrow(work_path(out, LISTING_CACHE), listing.items)
     atomic_write_text(meta_path, canonical_json({
         "fingerprint": fingerprint, "classes": [list(c) for c in listing.classes],
