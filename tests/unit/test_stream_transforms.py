@@ -68,6 +68,7 @@ def test_eval_centre_crop_and_normalisation():
     assert x[0].max() == 1.0 and x[1].min() == -1.0
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns; we refuse
 def test_pixel_limit_is_checked_before_decoding():
     # A JPEG whose frame header claims 10000 x 10000 pixels: refused from the header alone.
     data = bytearray(_jpeg(np.zeros((8, 8, 3), np.uint8)))
