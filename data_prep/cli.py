@@ -3,6 +3,7 @@
     vit-prep convert --source digits --output data/digits
     vit-prep convert --config configs/prep/imagenet21k.yaml --input fall11.tar --output /shards/in21k --workers 16
     vit-prep merge DIR      vit-prep verify DIR      vit-prep info DIR
+    vit-prep dedup DIR --against DOWNSTREAM[:SPLIT]
 
 Convert flags carry the names of PrepConfig keys (`--max-side` is `policy.max_side`);
 flags override the `--config` files, and trailing `key=value` pairs override both.
@@ -37,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert a source (or this array task's share of it)")
     c.add_argument("--config", action="append", default=[], help="recipe YAML (configs/prep/*.yaml); repeatable")
+    from data_prep.sources import list_sources
+
     for flag, (key, typ) in CONVERT_FLAGS.items():
-        c.add_argument(flag, type=typ, default=None, help=f"config key {key}")
+        extra = f" (one of: {', '.join(list_sources())})" if flag == "--source" else ""
+        c.add_argument(flag, type=typ, default=None, help=f"config key {key}{extra}")
     for flag, (key, _) in SWITCHES.items():
         c.add_argument(flag, action="store_true", help=f"sets {key} to false")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
@@ -50,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="what a dataset holds")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print dataset.json")
+    from data_prep import dedup
+
+    dedup.add_arguments(sub.add_parser("dedup", help="exclude copies of downstream test images (data_prep/dedup.py)"))
     return p
 
 
@@ -66,13 +73,18 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def convert_config(args: argparse.Namespace):
+    """The recipe files, then the flags, then trailing key=value pairs."""
     from data_prep.config import PrepConfig
-    from data_prep.convert import run_convert
     from sharding.config_loader import load_config
 
-    cfg = load_config(PrepConfig, args.config, _flag_overrides(args) + args.overrides)
-    run_convert(cfg)
+    return load_config(PrepConfig, args.config, _flag_overrides(args) + args.overrides)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from data_prep.convert import run_convert
+
+    run_convert(convert_config(args))
     return 0
 
 
@@ -128,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "dir", None) and not Path(args.dir).is_dir():
         raise UserError(f"{args.dir}: not a folder")
+    if args.command == "dedup":
+        from data_prep import dedup
+
+        return dedup.run(args)
     return {"convert": cmd_convert, "merge": cmd_merge, "verify": cmd_verify, "info": cmd_info}[args.command](args)
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 from data_prep.policy import ImagePolicy
 from data_prep.sources.base import SourceConfig
+from slurm.config import SlurmConfig
 from sharding.errors import UserError
 
 
@@ -25,6 +26,7 @@ class PrepConfig:
     workers: int = 1  # converter processes on this node
     num_tasks: Optional[int] = None  # array tasks in all (default: SLURM_ARRAY_TASK_COUNT or 1)
     task_index: Optional[int] = None  # this task (default: SLURM_ARRAY_TASK_ID or 0)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # job resources for vit-submit; unused here
 
 
 def _env_int(name: str) -> Optional[int]:
