@@ -367,7 +367,8 @@ def model_config(name: str, **overrides) -> ViTConfig:
     if unknown:
         raise UserError(f"unknown model field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     base = _REGISTRY[name]
-    return dataclasses.replace(base, resnet_layers=list(base.resnet_layers), **overrides)
+    overrides.setdefault("resnet_layers", list(base.resnet_layers))  # never share the registry's list
+    return dataclasses.replace(base, **overrides)
 
 
 def build_model(cfg: ViTConfig) -> VisionTransformer:
