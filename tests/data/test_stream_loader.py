@@ -72,6 +72,7 @@ def global_steps(rank_outs):
     return [sum((o["batches"][s]["targets"] for o in rank_outs), []) for s in range(len(rank_outs[0]["batches"]))]
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_each_sample_once_per_epoch(dataset, tmp_path):
     cfg = data_cfg(dataset)
     steps = sum(TRAIN) // GLOBAL_BATCH
@@ -108,6 +109,7 @@ def test_interrupt_and_restore_gives_identical_next_batches(dataset):
         assert torch.equal(y0, y1) and torch.equal(x0, x1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_world, resumed_world", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size_covers_exactly_the_unconsumed(dataset, tmp_path, saved_world, resumed_world):
     cfg = data_cfg(dataset)
