@@ -10,6 +10,7 @@ figures) and `index.html` showing them with the run's config and results table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import json
 import sys
@@ -125,3 +126,129 @@ def write_report(model: nn.Module, images: torch.Tensor, out_dir: str | Path, *,
     page = out / "index.html"
     atomic_write_text(page, "\n".join(parts))
     return page
+
+
+# --------------------------------------------------------------------------- command line
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load_model(path: str | Path, model_name: str | None, img_size: int | None) -> tuple[nn.Module, Any]:
+    """The model a run directory, export or weights file holds (all layers kept), in eval mode."""
+    from pretrain.model import build_model, model_config
+    from pretrain.starting_weights import fit_to_model, read_source
+
+    source = read_source(path)
+    if source.model is not None:
+        cfg = source.model
+    elif model_name:
+        cfg = model_config(model_name, num_classes=source.num_classes,
+                           representation_size=source.representation_size)
+    else:
+        raise UserError(f"{path}: a {source.kind} file does not record its architecture; pass --model NAME")
+    if img_size is None and source.model is None and "pos_embed" in source.state:
+        rows = source.state["pos_embed"].shape[1] - cfg.num_prefix_tokens * cfg.posemb_class_token
+        img_size = round(rows ** 0.5) * cfg.patch_size
+    if img_size:
+        cfg = dataclasses.replace(cfg, img_size=img_size, img_width=None)
+    model = build_model(cfg)
+    fit_to_model(source, model, reset_head=False)
+    return model.eval(), source
+
+
+def _image_files(folder: Path, limit: int) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files[:limit]
+
+
+def images_from_folder(folder: Path, img_size: int, mean, std, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Image files -> centre-cropped, resized, normalised (B, 3, S, S)."""
+    import numpy as np
+    from PIL import Image
+
+    batch, names = [], []
+    for f in _image_files(folder, limit):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((img_size, img_size), Image.BICUBIC)
+                x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        except OSError as e:
+            raise UserError(f"{f}: cannot read image: {e}") from None
+        batch.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+        names.append(f.name)
+    return torch.stack(batch), names
+
+
+def images_from_shards(path: Path, split: str, img_size: int, data_section: dict, limit: int) -> torch.Tensor:
+    """The first `limit` images of a shard dataset's split, through the evaluation transform."""
+    from pretrain.data import DataConfig, build_eval_loader
+
+    fields = {k: v for k, v in data_section.items() if k in DataConfig.__dataclass_fields__}
+    cfg = DataConfig(**{**fields, "path": str(path), "workers": 0})
+    loader = build_eval_loader(cfg, split, img_size=img_size, batch_size=limit, rank=0, world_size=1)
+    images, _, valid = next(iter(loader))
+    return images[valid.bool()]
+
+
+def _run_context(run_dir: Path | None) -> tuple[str | None, dict, Any]:
+    """(config text, data section, results) recorded in a run directory, where there is one."""
+    if run_dir is None:
+        return None, {}, None
+    from omegaconf import OmegaConf
+
+    config_path = run_dir / "config.yaml"
+    text = config_path.read_text() if config_path.is_file() else None
+    data = OmegaConf.to_container(OmegaConf.load(config_path)).get("data", {}) if text else {}
+    results = None
+    if (run_dir / "results.json").is_file():
+        results = [{"split": s, **r} for s, r in json.loads((run_dir / "results.json").read_text())["results"].items()]
+    else:
+        from pretrain.run_log import read_metrics
+
+        evals = read_metrics(run_dir, "eval")
+        results = {k: v for k, v in evals[-1].items() if k != "kind"} if evals else None
+    return text, data, results
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vit-inspect", description=__doc__.split("\n\n")[0],
+                                epilog="Example: vit-inspect runs/demo_ft --out runs/demo_ft/report/inspect")
+    p.add_argument("source", help="run directory, export directory, timm .safetensors/.pth or official .npz")
+    p.add_argument("--images", help="folder of image files, or a shard dataset (default: the run's data.path)")
+    p.add_argument("--split", default="", help="split of a shard dataset to sample (default: the run's eval split)")
+    p.add_argument("--num-images", type=int, default=ATTENTION_SAMPLE, help="images for the attention statistics")
+    p.add_argument("--model", help="registered variant, for weights files that do not record it (e.g. vit_b16)")
+    p.add_argument("--img-size", type=int, help="resolution to inspect at (default: the weights' own)")
+    p.add_argument("--out", required=True, help="output folder for the PNGs and index.html")
+    return p.parse_args(argv)
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, source = load_model(args.source, args.model, args.img_size)
+    config_text, data, results = _run_context(source.run_dir)
+    mean, std = data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5))
+    img_size = model.cfg.img_size
+    images_at = Path(args.images) if args.images else (Path(data["path"]) if data.get("path") else None)
+    if images_at is None or not images_at.exists():
+        raise UserError(f"--images: {images_at or 'not given'} does not exist; pass a folder of images or a shard dataset")
+    captions = None
+    if (images_at / "dataset.json").is_file():
+        split = args.split or data.get("eval_split", "val")
+        images = images_from_shards(images_at, split, img_size, data, args.num_images)
+    else:
+        images, captions = images_from_folder(images_at, img_size, mean, std, args.num_images)
+    page = write_report(model, images, args.out, mean=mean, std=std, title=f"Inspection of {args.source}",
+                        config_text=config_text, results=results, captions=captions)
+    print(f"wrote {page} ({len(images)} images, model {model.cfg.name} at {img_size} px)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

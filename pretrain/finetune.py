@@ -1,0 +1,225 @@
+"""vit-finetune: transfer a pretrained ViT to a new task at a higher resolution (paper 3.2).
+
+    vit-finetune CONFIG [CONFIG ...] [key=value ...] [--force]
+
+The config is the pretraining one (run, model, data, train, zero, checkpoint, eval, slurm)
+plus `init`: where the starting weights come from and how they are adapted. The pretrained
+head (and pre-logits layer) is dropped, a zero-initialised head for the target classes is
+attached and the position embeddings are resampled to the new patch grid; then the same
+DeepSpeed trainer as pretraining runs (ZeRO, checkpoints, exact resume, signals). At the
+end every held-out split is evaluated at the new resolution and `results.json` /
+`results.md` are written into the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pretrain.config import PretrainConfig, RunConfig, load_pretrain_config
+from pretrain.optim import OptimConfig
+from pretrain.posemb import METHODS as POSEMB_METHODS
+from pretrain.trainer import TrainConfig
+from sharding.atomic import atomic_write_text
+from sharding.config_loader import ConfigError, to_yaml
+from sharding.errors import cli_entry
+
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+
+
+@dataclass
+class InitConfig:
+    weights: str = ""  # run dir, its export/, timm .safetensors/.pth, or official .npz; "" = random init
+    reset_head: bool = True  # replace the pretraining head with a zero-initialised one for the target classes
+    drop_representation: bool = True  # drop the pre-logits (Dense + tanh) layer, as the official fine-tuning does
+    posemb_method: str = "bicubic"  # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
+    linear_probe: bool = False  # freeze everything but the head (quick transfer check)
+
+    def validate(self, where: str = "init") -> None:
+        if self.posemb_method not in POSEMB_METHODS:
+            raise ConfigError(f"{where}.posemb_method: must be one of {', '.join(POSEMB_METHODS)}, got {self.posemb_method!r}")
+        if not self.reset_head and self.linear_probe:
+            raise ConfigError(f"{where}.linear_probe: trains only a new head; it needs init.reset_head=true")
+
+
+def paper_recipe() -> TrainConfig:
+    """The paper's fine-tuning (vision_transformer configs/common.py): SGD momentum 0.9, no
+    weight decay, clip 1, cosine decay after 500 warm-up steps, batch 512, softmax loss."""
+    return TrainConfig(batch_size=512, clip_grad=1.0, loss="softmax",
+                       optim=OptimConfig(name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9,
+                                         schedule="cosine", warmup_steps=500, end_lr=0.0))
+
+
+@dataclass
+class FinetuneConfig(PretrainConfig):
+    run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/finetune"))
+    train: TrainConfig = field(default_factory=paper_recipe)
+    init: InitConfig = field(default_factory=InitConfig)  # starting weights and how to adapt them
+
+
+def load_finetune_config(files, overrides=()) -> FinetuneConfig:
+    cfg = load_pretrain_config(files, overrides, schema=FinetuneConfig)
+    cfg.init.validate()
+    return cfg
+
+
+def adopt_source_shape(cfg: FinetuneConfig, source) -> list[str]:
+    """Model fields the starting weights decide (kept layers must keep their shapes)."""
+    notes = []
+    if not cfg.init.drop_representation and source.representation_size != cfg.model.representation_size:
+        notes.append(f"model.representation_size={source.representation_size} (kept from the source)")
+        cfg.model.representation_size = source.representation_size
+    if cfg.init.drop_representation:
+        cfg.model.representation_size = None
+    if not cfg.init.reset_head and source.num_classes != cfg.model.num_classes:
+        raise ConfigError(f"init.reset_head=false keeps the source head of {source.num_classes} classes, "
+                          f"but model.num_classes is {cfg.model.num_classes}")
+    return notes
+
+
+def freeze_backbone(model: torch.nn.Module) -> int:
+    """Linear probe: only the head trains; returns the number of trainable parameters."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("head.")
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- final results
+def held_out_splits(cfg: FinetuneConfig, available) -> list[str]:
+    wanted = [cfg.eval.split or cfg.data.eval_split, "val", "test"]
+    return [s for s in dict.fromkeys(wanted) if s in available and s != cfg.data.train_split]
+
+
+def final_step(run_dir: Path) -> int:
+    from pretrain.checkpoint import scan, step_of
+
+    newest = scan(run_dir / "checkpoints").newest
+    return step_of(newest.name) if newest else 0
+
+
+def use_ema_weights(model: torch.nn.Module, run_dir: Path) -> bool:
+    """Load the Polyak-averaged weights of the final checkpoint into `model` when it has them."""
+    from pretrain.checkpoint import Checkpointer, scan
+
+    newest = scan(run_dir / "checkpoints").newest
+    ema = Checkpointer.read_state(newest).get("ema") if newest else None
+    if not ema:
+        return False
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(ema[name].to(p.dtype))
+    return True
+
+
+def final_evaluation(cfg: FinetuneConfig, model: torch.nn.Module, rank: int, world: int) -> dict[str, dict]:
+    """Top-1/top-5 on every held-out split at the fine-tuning resolution (collective)."""
+    import sharding
+    from pretrain.data import build_eval_loader
+    from pretrain.evaluate import evaluate_classification
+
+    dataset = sharding.open_dataset(cfg.data.path)
+    results = {}
+    for split in held_out_splits(cfg, dataset.splits):
+        loader = build_eval_loader(cfg.data, split, img_size=cfg.model.img_size, batch_size=cfg.eval.batch_size,
+                                   rank=rank, world_size=world)
+        results[split] = evaluate_classification(model, loader, multi_label=dataset.label_kind == "multi",
+                                                 desc=f"final {split}")
+    return results
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Fine-tuning results: {summary['model']} at {summary['img_size']} px", "",
+             f"Run `{summary['run_dir']}`, {summary['steps']} steps, weights: {summary['weights']}.", ""]
+    metrics = sorted({k for r in summary["results"].values() for k in r if k != "samples"})
+    lines.append("| split | samples | " + " | ".join(metrics) + " |")
+    lines.append("|---|---:|" + "---:|" * len(metrics))
+    for split, r in summary["results"].items():
+        lines.append(f"| {split} | {r['samples']} | " + " | ".join(f"{r[m]:.4f}" for m in metrics) + " |")
+    if summary.get("init"):
+        lines += ["", "Start:", ""] + [f"- {line.removeprefix('init: ')}" for line in summary["init"]["lines"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / RESULTS_JSON, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(run_dir / RESULTS_MD, results_markdown(summary))
+
+
+# --------------------------------------------------------------------------- entry point
+def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
+    from pretrain import distributed
+    from pretrain.model import build_model
+    from pretrain.starting_weights import fit_to_model, read_source
+    from pretrain.train import run_training, say
+
+    # ---------------------------------------------------------------- starting weights
+    source = read_source(cfg.init.weights) if cfg.init.weights else None
+    notes = adopt_source_shape(cfg, source) if source else []
+    held: dict[str, Any] = {}
+
+    def build(model_cfg):
+        model = build_model(model_cfg)
+        rank = distributed.detect().rank
+        if source is not None:
+            report = fit_to_model(source, model, reset_head=cfg.init.reset_head, posemb_method=cfg.init.posemb_method)
+            held["init"] = {**report.as_dict(), "lines": report.lines() + [f"init: {n}" for n in notes]}
+            for line in held["init"]["lines"]:
+                say(rank, line)
+        else:
+            say(rank, "init: random initialisation (init.weights is empty)")
+        if cfg.init.linear_probe:
+            say(rank, f"init: linear probe, {freeze_backbone(model):,} trainable parameters (the head)")
+        held["model"] = model
+        return model
+
+    # ---------------------------------------------------------------- train (shared loop)
+    rc = run_training(cfg, build_model=build, force=force)
+    if rc != 0:
+        return rc
+
+    # ---------------------------------------------------------------- final evaluation
+    env = distributed.detect()
+    model = held["model"]
+    ema = bool(cfg.train.ema_decay) and use_ema_weights(model, Path(cfg.run.dir))
+    results = final_evaluation(cfg, model, env.rank, env.world_size)
+    if env.rank == 0:
+        summary = {"run_dir": cfg.run.dir, "model": cfg.model.name, "img_size": cfg.model.img_size,
+                   "steps": final_step(Path(cfg.run.dir)), "weights": cfg.init.weights or "random init",
+                   "ema_weights": ema, "init": held.get("init"), "results": results}
+        write_results(Path(cfg.run.dir), summary)
+        print(results_markdown(summary), file=sys.stderr)
+    return 0
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.split("\n\n")[0],
+                                epilog="Example: vit-finetune configs/finetune/demo.yaml "
+                                       "init.weights=runs/demo data.path=shards run.dir=runs/demo_ft")
+    p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
+                   help="YAML config files (merged in order), then key=value overrides")
+    p.add_argument("--force", action="store_true",
+                   help="resume even when the model, data or recipe differ from the run directory's")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    args.configs = [i for i in args.items if "=" not in i]
+    args.overrides = [i for i in args.items if "=" in i]
+    return args
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_finetune_config(args.configs, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    return run_finetune(cfg, force=args.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
