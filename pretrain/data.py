@@ -182,7 +182,7 @@ class TrainLoader:
         workers = self.cfg.workers
         loader = DataLoader(
             dataset, batch_size=None, num_workers=workers,
-            prefetch_factor=self.cfg.prefetch if workers else None, persistent_workers=False,
+            prefetch_factor=self.cfg.prefetch if workers else None, pin_memory=torch.cuda.is_available(),
         )  # fmt: skip
         for batch in loader:
             if (batch["epoch"], batch["step"]) != (self.epoch, self.step):
@@ -248,6 +248,9 @@ class _EvalBatches(IterableDataset):
             images, labels = zip(*items)
             x = T.batch_images(list(images), tuple(L.cfg.mean), tuple(L.cfg.std))
             yield x, _targets(list(labels), L.split.multi_label), torch.tensor(valid)
+        if counters:
+            log.warning("evaluation left out %d unusable samples (%s)", sum(counters.values()),
+                        ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))  # fmt: skip
 
 
 class EvalLoader:
@@ -264,7 +267,8 @@ class EvalLoader:
     def __iter__(self):
         workers = min(self.cfg.workers, len(self.batches))
         return iter(DataLoader(_EvalBatches(self), batch_size=None, num_workers=workers,
-                               prefetch_factor=self.cfg.prefetch if workers else None))  # fmt: skip
+                               prefetch_factor=self.cfg.prefetch if workers else None,
+                               pin_memory=torch.cuda.is_available()))  # fmt: skip
 
 
 def build_eval_loader(cfg: DataConfig, split: str, *, img_size: int, batch_size: int, rank: int,
