@@ -379,15 +379,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.init_process_group(env, timeout_s=1800)
     device = distributed.device(env)
 
+    # -- data (checked first: a typo should not cost a model load)
+    ds = sharding.open_dataset(args.data)
+    for split in [args.split] + ([args.train_split] if args.shots or args.linear_probe else []):
+        if split not in ds.splits:
+            raise UserError(f"{args.data}: no split {split!r} (has {', '.join(ds.splits)})")
+    sources, labels = _split_index(ds, args.split)
+    real = load_real_labels(args.real, sources) if args.real else None
+
     # -- model and weights
     source = read_source(args.weights)
     model = _model_for(source, args)
     init = fit_to_model(source, model, reset_head=False, posemb_method=args.posemb_method)
     model.to(device)
-
-    # -- data
     data_cfg = _data_config(source, args)
-    ds = sharding.open_dataset(args.data)
 
     def loader(split):
         return _with_sample_ids(build_eval_loader(data_cfg, split, img_size=model.cfg.img_size,
@@ -397,7 +402,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # -- evaluate
     multi = ds.label_kind == "multi"
     test = extract_features(model, loader(args.split), desc=f"eval {args.split}")
-    sources, labels = _split_index(ds, args.split)
     _check_ids(test, labels, args.split)
     results: dict[str, float] = {"samples": len(test)}
     if model.cfg.num_classes == ds.num_classes:
@@ -405,8 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif _is_main():
         print(f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
               "top-k left out (few-shot and probe use the representation)")
-    if args.real:
-        results |= real_from_features(test, load_real_labels(args.real, sources))
+    if real is not None:
+        results |= real_from_features(test, real)
     if args.shots or args.linear_probe:
         train = extract_features(model, loader(args.train_split), max_batches=args.train_batches or None,
                                  desc=f"features {args.train_split}")
