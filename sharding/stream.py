@@ -173,10 +173,9 @@ class PartitionReader:
         buffer: int,
         excluded: frozenset[str] | set[str],
         decode: Decode,
-        counters: collections.Counter,
     ):
         self.source, self.plan, self.partition = source, plan, partition
-        self.excluded, self.decode, self.counters = excluded, decode, counters
+        self.excluded, self.decode = excluded, decode
         self.length = plan.partition_length(partition)
         self.order = partition_order(self.length, buffer, plan.seed, plan.epoch, partition)
         self.segments = plan.partition_segments(partition)
@@ -237,7 +236,8 @@ class PartitionReader:
         seg = self.segments[i]
         return f"{self.source.name(seg.shard)} sample {seg.first + offset}"
 
-    def next(self) -> Any:
+    def next(self, counters: collections.Counter) -> Any:
+        """The next output; a substitute when the sample is unusable (counted in `counters` by reason)."""
         j = self.next_output
         self.next_output += 1
         key = (self.plan.seed, self.plan.epoch, self.partition, j)
@@ -247,8 +247,8 @@ class PartitionReader:
         if reason is None:
             self.last_good = item
             return value
-        self.counters[reason] += 1
-        self.counters["substituted"] += 1
+        counters[reason] += 1
+        counters["substituted"] += 1
         if self.logged < MAX_LOGGED:
             self.logged += 1
             key_note = f" (key {item.key})" if isinstance(item, ShardSample) else ""
@@ -318,12 +318,11 @@ class RankStream:
                 reader = readers.get(slot.partition)
                 if reader is None:
                     reader = PartitionReader(
-                        self.source, plan, slot.partition, slot.lo, self.buffer, self.excluded, self.decode, counters
+                        self.source, plan, slot.partition, slot.lo, self.buffer, self.excluded, self.decode
                     )
                     readers[slot.partition] = reader
-                reader.counters = counters
                 assert reader.next_output == slot.lo, "a partition was read out of step order"
-                items.extend(reader.next() for _ in range(slot.lo, slot.hi))
+                items.extend(reader.next(counters) for _ in range(slot.lo, slot.hi))
                 if reader.exhausted:
                     del readers[slot.partition]
             yield StepBatch(epoch, step, items, dict(counters))
