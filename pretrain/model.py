@@ -210,6 +210,19 @@ def posemb_sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10_00
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)[None]
 
 
+class PatchConv(nn.Conv2d):
+    """Stride = kernel conv with flax's default init (lecun-normal kernel, zero bias), applied
+    in its own constructor so that it holds under `deepspeed.zero.Init`."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int):
+        super().__init__(in_ch, out_ch, kernel, stride=kernel)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        lecun_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
 class PatchEmbed(nn.Module):
     """Image -> token sequence: a P x P stride-P conv (= linear projection of flattened
     patches), or for hybrids a ResNet feature map followed by a 1x1 (or larger) projection."""
@@ -221,10 +234,7 @@ class PatchEmbed(nn.Module):
         if cfg.resnet_layers:
             self.backbone = ResNetBackbone(cfg.resnet_layers, cfg.resnet_width, cfg.in_chans)
             in_ch, kernel = self.backbone.num_features, cfg.patch_size // self.backbone.stride
-        self.proj = nn.Conv2d(in_ch, cfg.width, kernel, stride=kernel)
-        with torch.no_grad():
-            lecun_normal_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
+        self.proj = PatchConv(in_ch, cfg.width, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H/P * W/P, D)
         if self.backbone is not None:
