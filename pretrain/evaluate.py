@@ -384,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split in [args.split] + ([args.train_split] if args.shots or args.linear_probe else []):
         if split not in ds.splits:
             raise UserError(f"{args.data}: no split {split!r} (has {', '.join(ds.splits)})")
+    if ds.label_kind == "multi" and (args.shots or args.linear_probe):
+        raise UserError(f"{args.data} is multi-label: the few-shot and linear probes need single-label data")
     sources, labels = _split_index(ds, args.split)
     real = load_real_labels(args.real, sources) if args.real else None
 

@@ -116,3 +116,13 @@ def test_two_ranks_count_every_sample_once():
         order = list(range(0, 37, 2)) + list(range(1, 37, 2))
         assert torch.equal(gtargets, targets[order])
         np.testing.assert_allclose(glogits.numpy(), logits[order].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_scores_from_gathered_features_equal_the_counting_path():
+    images, _ = _split()
+    g = torch.Generator().manual_seed(2)
+    multi = (torch.rand(37, NUM_CLASSES, generator=g) < 0.4).float()
+    model = TinyProbeModel()
+    counted = evaluate.evaluate_classification(model, _rank_loader(images, multi, 0, 1), multi_label=True)
+    feats = evaluate.extract_features(model, _rank_loader(images, multi, 0, 1))
+    assert evaluate.classification_from_features(feats, multi_label=True) == pytest.approx(counted)
