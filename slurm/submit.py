@@ -121,8 +121,6 @@ def build_stage(stage: str, config: str | Path | None, overrides: Sequence[str] 
         jobs = [convert, merge]
     else:
         jobs = [JobSpec(stage, name, [*py, str(frozen)], s, log_dir, str(config))]
-    if stage == "prep":
-        cfg.pop("slurm", None)  # a conversion recipe has no use for its job's resources
     return StageJobs(stage, log_dir, jobs), OmegaConf.to_yaml(cfg)
 
 

@@ -110,8 +110,8 @@ TINY_PRETRAIN = [
 def digits_shards(tmp_path_factory) -> Path:
     """The demo dataset converted by hand (one process)."""
     out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run([str(BIN / "vit-prep"), "convert", "--config", str(REPO / "configs" / "prep" / "digits.yaml"),
+                    "--output", str(out)], check=True, capture_output=True, text=True)
     return out
 
 

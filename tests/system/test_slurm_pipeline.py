@@ -41,8 +41,8 @@ def test_pipeline_runs_every_stage_like_by_hand(slurm_cluster, runs, digits_shar
                                                 finetune_by_hand, tmp_path):
     work = tmp_path / "work"
     pipeline = {"vars": {"work": str(work)}, "stages": [
-        {"stage": "prep", "overrides": ["source.kind=digits", "output=${vars.work}/shards", "slurm.array_tasks=2",
-                                        "slurm.array_parallel=1", "slurm.cpus_per_task=1", "slurm.time=10:00"]},
+        {"stage": "prep", "config": str(REPO / "configs" / "prep" / "digits.yaml"),
+         "overrides": ["output=${vars.work}/shards", "slurm.array_parallel=1"]},
         {"stage": "pretrain", "config": str(runs.pretrain_demo),
          "overrides": ["data.path=${vars.work}/shards", "run.dir=${vars.work}/pretrain", *runs.tiny_pretrain, *SLURM]},
         {"stage": "finetune", "config": str(FINETUNE_DEMO),

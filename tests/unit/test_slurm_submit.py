@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -67,13 +68,12 @@ slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
 
 
 def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
-    write(tmp_path / "prep.yaml", "output: unset\n")
     write(tmp_path / "pre.yaml", "run: {dir: unset}\n")
     write(tmp_path / "ft.yaml", "run: {dir: unset}\n")
     pipe = write(tmp_path / "pipe.yaml", """
 vars: {work: /scratch/demo}
 stages:
-  - {stage: prep, config: prep.yaml, overrides: ["output=${vars.work}/data"]}
+  - {stage: prep, overrides: ["source.kind=digits", "output=${vars.work}/data"]}  # no file: overrides only
   - {stage: pretrain, config: pre.yaml, overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
   - {stage: finetune, config: ft.yaml, overrides: ["run.dir=${vars.work}/finetune"]}
 """)
@@ -108,3 +108,13 @@ def test_bad_config_is_one_line_naming_the_key(h14, capsys, override, message):
     assert main(["pretrain", h14, *override, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_demo_pipeline_config_renders(capsys):
+    repo = Path(__file__).resolve().parents[2]
+    assert main(["pipeline", str(repo / "configs/pipeline/demo.yaml"), "vars.work=/scratch/demo", "--dry-run"]) == 0
+    convert, merge, pre, ft = scripts(capsys.readouterr().out)
+    assert parse_sbatch_options(convert)["array"] == "0-1"
+    assert "merge /scratch/demo/shards)" in merge
+    assert parse_sbatch_options(pre)["nodes"] == "2" and parse_sbatch_options(pre)["ntasks-per-node"] == "1"
+    assert "pretrain.finetune /scratch/demo/finetune/slurm/finetune-config.yaml" in ft

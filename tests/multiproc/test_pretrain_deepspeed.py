@@ -1,0 +1,235 @@
+"""Real DeepSpeed ZeRO runs of vit-pretrain over 2 CPU ranks (gloo), on real digits shards.
+
+Each launch is a real `torchrun --nproc_per_node N -m pretrain.train ...`; processes are
+killed with SIGKILL (no handler runs) to test that resuming is exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pretrain.checkpoint import Checkpointer, scan
+from pretrain.export import consolidated_state_dict, export, load_export
+from pretrain.run_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+STEPS = 12
+
+# A small model and short run; everything else is the demo recipe.
+SMALL = [
+    "model.depth=2", "model.num_classes=400", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.dropout=0.1",
+    f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=1", "train.optim.warmup_steps=3",
+    "checkpoint.every=2", "checkpoint.keep=20", "data.workers=0",
+    "eval.max_batches=1", "eval.fewshot_shots=[]", "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    sys.path.insert(0, str(REPO / "tests/data"))
+    from stream_dataset import write_dataset
+    return write_dataset(out, {"train": [100, 100, 100], "val": [50, 50]})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(run_dir: Path, shards: Path, *extra: str, ranks: int = 2) -> list[str]:
+    return [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={_free_port()}",
+            "-m", "pretrain.train", str(DEMO), f"data.path={shards}", f"run.dir={run_dir}", *SMALL, *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(run_dir: Path, shards: Path, *extra: str, ranks: int = 2, expect: int = 0) -> subprocess.CompletedProcess:
+    p = subprocess.run(command(run_dir, shards, *extra, ranks=ranks), env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == expect, p.stderr[-4000:]
+    return p
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank (torchrun starts ranks in their own sessions)."""
+    family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def logged_step(run_dir: Path) -> int:
+    rows = read_metrics_tolerant(run_dir)
+    return max((r["step"] for r in rows), default=0)
+
+
+def read_metrics_tolerant(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def saving_now(run_dir: Path) -> bool:
+    root = run_dir / "checkpoints"
+    return root.is_dir() and any(p.is_dir() and not (p / "manifest.json").exists() for p in root.glob("step-*"))
+
+
+def run_until(run_dir: Path, shards: Path, event: tuple[str, int]) -> str:
+    """Start a run and SIGKILL it when `event` happens; returns what the run was doing then."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command(run_dir, shards), env=env(), stdout=subprocess.DEVNULL, stderr=err)
+    kind, value = event
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {proc.returncode}) before {event}: {log.read_text()[-3000:]}")
+            if kind == "step" and logged_step(run_dir) >= value:
+                break
+            if kind == "saving" and saving_now(run_dir):
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError(f"{event} did not happen in time")
+        state = "saving" if saving_now(run_dir) else f"training after step {logged_step(run_dir)}"
+    finally:
+        kill_tree(proc)
+    resumed = [line for line in log.read_text().splitlines() if line.startswith("resuming from")]
+    return f"{state} ({resumed[0] if resumed else 'fresh start'})"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["last_loss"] for r in read_metrics(run_dir)}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(scan(run_dir / "checkpoints").newest)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank ZeRO-1 run: the curve every interrupted run must reproduce."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    launch(run, shards)
+    return run
+
+
+def test_uninterrupted_run_learns_and_keeps_its_contract(reference):
+    curve = losses(reference)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1]  # it learns
+    found = scan(reference / "checkpoints")
+    assert [p.name for p in found.complete] == [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
+    state = Checkpointer.read_state(found.newest)
+    assert state["step"] == STEPS and state["samples_seen"] == STEPS * 32 and state["world_size"] == 2
+    assert (reference / "checkpoints" / "latest").read_text().strip() == found.newest.name
+    evals = [r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["top1"] <= 1.0
+    assert (reference / "config.yaml").is_file() and (reference / "tb").is_dir()
+
+
+def test_kill9_at_random_points_then_resume_is_bitwise_identical(reference, shards, tmp_path):
+    run = tmp_path / "run"
+    # Training steps between checkpoints, and checkpoint saves in progress (steps 4, 8 save).
+    events = [("step", 3), ("saving", 0), ("step", 7), ("saving", 0), ("step", 11)]
+    states = [run_until(run, shards, e) for e in events]
+    assert any(s.startswith("saving") for s in states), f"no kill landed inside a checkpoint save: {states}"
+    launch(run, shards)
+    assert losses(run) == losses(reference), states
+    assert_same_weights(final_weights(run), final_weights(reference))
+
+
+def test_signal_saves_and_exits_with_requeue_code(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(run, shards, "checkpoint.every=0"), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while logged_step(run) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain.train" in " ".join(c.cmdline())][-1]
+    rank1.send_signal(signal.SIGUSR1)  # one rank only: the others must agree and save too
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 85, err[-3000:]
+    saved = scan(run / "checkpoints").newest
+    assert saved is not None and 2 <= Checkpointer.read_state(saved)["step"] < STEPS
+
+
+def test_resume_refuses_a_changed_recipe(reference, shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    p = launch(run, shards, "train.optim.lr=0.5", expect=2)
+    assert "train.optim.lr" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_two_ranks_resume_on_one_rank(reference, shards, tmp_path):
+    """2 -> 1 rank: the schedule, step, data position and Adam moments carry over."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for folder in scan(run / "checkpoints").complete:
+        if Checkpointer.read_state(folder)["step"] > 6:
+            shutil.rmtree(folder)
+    launch(run, shards, "train.steps=8", "checkpoint.every=1", ranks=1)
+    ours, theirs = run / "checkpoints" / "step-00000008", reference / "checkpoints" / "step-00000008"
+    mine, ref = Checkpointer.read_state(ours), Checkpointer.read_state(theirs)
+    assert mine["step"] == 8 and mine["world_size"] == 1 and mine["samples_seen"] == ref["samples_seen"]
+    assert mine["data"] == ref["data"]  # the same position in the same epoch
+    # The optimizer moments and weights agree with the 2-rank run's up to float rounding.
+    a, b = (Checkpointer(p.parent, None, 0, 1).prepare_universal(p) / "zero" for p in (ours, theirs))
+    params = sorted(d.name for d in b.iterdir() if d.is_dir())
+    assert params and params == sorted(d.name for d in a.iterdir() if d.is_dir())
+    for name in params:
+        for moment in ("fp32", "exp_avg", "exp_avg_sq"):
+            x = torch.load(a / name / f"{moment}.pt", weights_only=False)["param"]
+            y = torch.load(b / name / f"{moment}.pt", weights_only=False)["param"]
+            assert torch.allclose(x, y, rtol=1e-3, atol=1e-6), (name, moment)
+    one_rank = {r["step"]: r for r in read_metrics(run)}
+    two_rank = {r["step"]: r for r in read_metrics(reference)}
+    assert one_rank[7]["lr"] == two_rank[7]["lr"] and one_rank[8]["lr"] == two_rank[8]["lr"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stage_resume_is_exact(stage, shards, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    opts = (f"zero.stage={stage}", "train.steps=4")
+    launch(whole, shards, *opts)
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    launch(cut, shards, *opts)  # new processes resume at step 2
+    assert losses(cut) == losses(whole)
+    assert_same_weights(final_weights(cut), final_weights(whole))
+    out = export(cut, tmp_path / "model.safetensors")
+    weights, cfg = load_export(out)
+    assert cfg["depth"] == 2 and weights["pos_embed"].shape == (1, 17, 64)
