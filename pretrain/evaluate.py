@@ -78,7 +78,7 @@ class Features:
     """Frozen outputs of a model over one split (valid samples only, gathered from all ranks)."""
 
     representation: torch.Tensor  # (N, D) float32: the pre-logits vector the probes use
-    logits: torch.Tensor  # (N, C) float32
+    logits: torch.Tensor | None  # (N, C) float32; None where only the representation was kept
     targets: torch.Tensor  # (N,) int64, or (N, K) multi-hot
     ids: torch.Tensor | None = None  # (N,) int64 sample ids, when the loader yields them (4th element)
 
@@ -157,26 +157,49 @@ def evaluate_classification(
     """Top-k accuracy, and mean average precision for multi-label data.
 
     Returns `{"samples": N, "top1": ..., "top5": ..., ["mAP": ...]}` with the same values
-    on every rank.
+    on every rank. Only counts cross ranks (logits too for mAP), so a 21k-class head over
+    a large split costs no memory.
     """
+    return _classify(model, loader, ks, multi_label, max_batches, desc, keep_representation=False)[0]
+
+
+def evaluate_and_extract(
+    model: torch.nn.Module,
+    loader: Iterable,
+    *,
+    ks: Sequence[int] = (1, 5),
+    multi_label: bool = False,
+    max_batches: int | None = None,
+    desc: str = "eval",
+) -> tuple[dict[str, float], Features]:
+    """`evaluate_classification` plus, from the same forward passes, the gathered
+    representations (logits not kept), e.g. as the test side of the few-shot probe."""
+    return _classify(model, loader, ks, multi_label, max_batches, desc, keep_representation=True)
+
+
+def _classify(model, loader, ks, multi_label, max_batches, desc, keep_representation):
     counts = {f"top{k}": 0 for k in ks} | {"samples": 0}
-    all_logits, all_targets = [], []
-    for _, logits, targets, valid, _ in _forward_batches(model, loader, max_batches, desc):
+    all_logits, all_targets, reps = [], [], []
+    for rep, logits, targets, valid, _ in _forward_batches(model, loader, max_batches, desc):
         logits, targets = logits[valid], targets[valid]
         counts["samples"] += int(valid.sum())
         for k, c in metrics.topk_correct(logits, targets, ks).items():
             counts[f"top{k}"] += c
         if multi_label:
             all_logits.append(logits)
+        if multi_label or keep_representation:
             all_targets.append(targets)
+        if keep_representation:
+            reps.append(rep[valid])
     counts = all_reduce_counts(counts)
     n = max(counts["samples"], 1)
     result: dict[str, float] = {"samples": counts["samples"]}
     result |= {f"top{k}": counts[f"top{k}"] / n for k in ks}
+    targets = all_gather_rows(torch.cat(all_targets)) if all_targets else None
     if multi_label:
-        scores = all_gather_rows(torch.cat(all_logits)).numpy()
-        result["mAP"] = metrics.mean_average_precision(scores, all_gather_rows(torch.cat(all_targets)).numpy())
-    return result
+        result["mAP"] = metrics.mean_average_precision(all_gather_rows(torch.cat(all_logits)).numpy(), targets.numpy())
+    features = Features(all_gather_rows(torch.cat(reps)), None, targets) if keep_representation else None
+    return result, features
 
 
 def fewshot_evaluate(

@@ -89,6 +89,8 @@ def _worker(rank, world, port, out):
         model = TinyProbeModel()
         res = evaluate.evaluate_classification(model, _rank_loader(images, targets, rank, world), ks=(1, 3))
         feats = evaluate.extract_features(model, _rank_loader(images, targets, rank, world))
+        res2, feats2 = evaluate.evaluate_and_extract(model, _rank_loader(images, targets, rank, world), ks=(1, 3))
+        assert res2 == res and torch.equal(feats2.representation, feats.representation)
         out[rank] = (res, feats.logits, feats.targets)
     finally:
         dist.destroy_process_group()
@@ -126,3 +128,13 @@ def test_scores_from_gathered_features_equal_the_counting_path():
     counted = evaluate.evaluate_classification(model, _rank_loader(images, multi, 0, 1), multi_label=True)
     feats = evaluate.extract_features(model, _rank_loader(images, multi, 0, 1))
     assert evaluate.classification_from_features(feats, multi_label=True) == pytest.approx(counted)
+
+
+def test_evaluate_and_extract_is_one_pass_of_both():
+    images, targets = _split()
+    model = TinyProbeModel()
+    results, feats = evaluate.evaluate_and_extract(model, _rank_loader(images, targets, 0, 1), ks=(1, 3))
+    assert results == evaluate.evaluate_classification(model, _rank_loader(images, targets, 0, 1), ks=(1, 3))
+    full = evaluate.extract_features(model, _rank_loader(images, targets, 0, 1))
+    assert feats.logits is None and torch.equal(feats.targets, full.targets)
+    assert torch.equal(feats.representation, full.representation)
