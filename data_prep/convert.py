@@ -156,6 +156,7 @@ class _Worker:
         return fmt.CLASS_EXT, str(int(row["label"])).encode(), int(row["label"]), None
 
     def convert_shard(self, task: ShardTask) -> dict:
+        cpu_start = time.process_time()
         rows = self.listing.take(pa.array(self.plan.listing_indices(task))).to_pylist()
         samples, rejected, passed = [], [], 0
         with ShardTarWriter(self.out / fmt.shard_path(task.split, task.shard)) as tar:
@@ -193,6 +194,7 @@ class _Worker:
             "num_inputs": task.num_inputs, "num_rejected": len(rejected),
             "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
             "num_passed_through": passed,
+            "cpu_seconds": round(time.process_time() - cpu_start, 6),  # not in the dataset: timing only
         }
         atomic_write_text(done_path(self.out, task), canonical_json(record))  # the commit point
         return record
@@ -313,6 +315,8 @@ def _summarise(records: list[dict], already_done: int, elapsed: float) -> dict:
         "passed_through": sum(r["num_passed_through"] for r in records),
         "bytes": sum(r["num_bytes"] for r in records), "seconds": elapsed,
         "images_per_second": inputs / elapsed if elapsed > 0 else 0.0,
+        "cpu_seconds": (cpu := sum(r["cpu_seconds"] for r in records)),
+        "images_per_cpu_second": inputs / cpu if cpu > 0 else 0.0,
     }
 
 
@@ -322,4 +326,4 @@ def _summary_line(s: dict, task_index: int, num_tasks: int) -> str:
     return (f"{task}{s['shards']} shards converted ({s['shards_already_done']} already done): "
             f"{s['inputs']} inputs -> {s['converted']} samples ({s['passed_through']} passed through), "
             f"{s['rejected']} rejected ({reasons}); {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, "
-            f"{s['images_per_second']:.0f} img/s")
+            f"{s['images_per_second']:.0f} img/s ({s['images_per_cpu_second']:.0f} per busy core)")
