@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream_dataset import exclude, sample_ids, write_dataset  # noqa: E402
 
 TRAIN = [37, 50, 41, 12, 60, 33, 45, 8, 29, 55]  # 370 samples: 23 steps of 16, remainder 2
+VAL = [30, 25, 7]
 GLOBAL_BATCH, IMG = 16, 16
 RANK_SCRIPT = Path(__file__).parent / "stream_rank.py"
 
@@ -35,7 +36,7 @@ def data_cfg(path, **kw) -> DataConfig:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("stream") / "ds", {"train": TRAIN, "val": [30, 25, 7]})
+    return write_dataset(tmp_path_factory.mktemp("stream") / "ds", {"train": TRAIN, "val": VAL})
 
 
 def take(cfg, batches, *, world=1, rank=0, seed=0, state=None):
@@ -239,3 +240,30 @@ def test_eval_loader_yields_every_sample_once_across_ranks(dataset):
             seen += targets[valid].tolist()
     assert counts[0] == counts[1] == len(list(loader))
     assert sorted(seen) == sorted(sample_ids(dataset, "val"))
+
+
+def test_mixup_targets_are_mixed_one_hot_rows(dataset):
+    cfg = DataConfig(**{**data_cfg(dataset).__dict__, "workers": 0, "mixup_alpha": 0.5})
+    plain, _, _ = take(DataConfig(**{**cfg.__dict__, "mixup_alpha": 0.0}), 1)
+    (images, targets), = take(cfg, 1)[0]
+    ids = plain[0][1]
+    assert targets.shape == (GLOBAL_BATCH, sum(TRAIN) + sum(VAL)) and targets.dtype == torch.float32
+    assert torch.allclose(targets.sum(1), torch.ones(GLOBAL_BATCH))
+    lam = targets[0, ids[0]].item()
+    assert 0 < lam < 1 and torch.allclose(targets[0, ids[-1]], torch.tensor(1 - lam))  # mixed with its neighbour
+    assert torch.allclose(images[0], lam * plain[0][0][0] + (1 - lam) * plain[0][0][-1], atol=1e-5)
+
+
+def test_multi_label_samples_become_multi_hot_rows():
+    from pretrain.data import SampleDecoder
+    from sharding.tar_reader import ShardSample
+
+    from stream_dataset import jpeg
+
+    decode = SampleDecoder(DataConfig(), 16, train=True, num_classes=5, multi_label=True)
+    image, target = decode(ShardSample("k", {"jpg": jpeg(0), "labels.json": b"[0, 3]"}), (0,))
+    assert image.shape == (16, 16, 3) and target.tolist() == [1, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="outside"):
+        decode(ShardSample("k", {"jpg": jpeg(0), "labels.json": b"[7]"}), (0,))
+    with pytest.raises(KeyError):
+        decode(ShardSample("k", {"jpg": jpeg(0)}), (0,))
