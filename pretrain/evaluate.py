@@ -121,17 +121,19 @@ def _safe_len(loader) -> int | None:
 
 
 def extract_features(model: torch.nn.Module, loader: Iterable, *, max_batches: int | None = None,
-                     desc: str = "features") -> Features:
+                     with_logits: bool = True, desc: str = "features") -> Features:
     """Representation, logits and targets of every valid sample, gathered on every rank.
 
-    `max_batches` stops early (the same count on every rank), e.g. to take a subset of a
+    `with_logits=False` keeps only the representation (a 21k-class head's logits over a
+    large split would be gigabytes). `max_batches` stops early (the same count on every rank), e.g. to take a subset of a
     large train split for the few-shot probe; shards are shuffled at conversion time, so a
     prefix of the split is a class-mixed sample of it.
     """
     reps, logits, targets, ids = [], [], [], []
     for rep, lg, tg, valid, batch_ids in _forward_batches(model, loader, max_batches, desc):
         reps.append(rep[valid])
-        logits.append(lg[valid])
+        if with_logits:
+            logits.append(lg[valid])
         targets.append(tg[valid])
         if batch_ids is not None:
             ids.append(batch_ids[valid])
@@ -139,7 +141,7 @@ def extract_features(model: torch.nn.Module, loader: Iterable, *, max_batches: i
         raise ValueError(f"{desc}: the loader yielded no batches")
     return Features(
         representation=all_gather_rows(torch.cat(reps)),
-        logits=all_gather_rows(torch.cat(logits)),
+        logits=all_gather_rows(torch.cat(logits)) if with_logits else None,
         targets=all_gather_rows(torch.cat(targets)),
         ids=all_gather_rows(torch.cat(ids)) if ids else None,
     )
@@ -426,19 +428,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # -- evaluate
     multi = ds.label_kind == "multi"
-    test = extract_features(model, loader(args.split), desc=f"eval {args.split}")
-    _check_ids(test, labels, args.split)
-    results: dict[str, float] = {"samples": len(test)}
-    if model.cfg.num_classes == ds.num_classes:
-        results |= classification_from_features(test, ks=(1, 5), multi_label=multi)
-    elif _is_main():
+    head_fits = model.cfg.num_classes == ds.num_classes
+    if real is not None and not head_fits:
+        raise UserError(f"--real scores the head's predictions: it has {model.cfg.num_classes} outputs, "
+                        f"{args.data} has {ds.num_classes} classes")
+    if not head_fits and _is_main():
         print(f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
               "top-k left out (few-shot and probe use the representation)")
+    test = extract_features(model, loader(args.split), with_logits=head_fits, desc=f"eval {args.split}")
+    _check_ids(test, labels, args.split)
+    results: dict[str, float] = {"samples": len(test)}
+    if head_fits:
+        results |= classification_from_features(test, ks=(1, 5), multi_label=multi)
     if real is not None:
         results |= real_from_features(test, real)
     if args.shots or args.linear_probe:
         train = extract_features(model, loader(args.train_split), max_batches=args.train_batches or None,
-                                 desc=f"features {args.train_split}")
+                                 with_logits=False, desc=f"features {args.train_split}")
         if args.shots:
             results |= fewshot_from_features(train, test, ds.num_classes, shots=args.shots,
                                              l2_reg=args.fewshot_l2, seed=args.seed)

@@ -167,3 +167,14 @@ def test_vit_eval_real_needs_imagenet_val_names(tmp_path, timm_weights, capsys):
                         "--resolution", "64", "--real", str(tmp_path / "real.json"), "--workers", "0"])
     assert rc == 2
     assert "is not an ImageNet validation image" in capsys.readouterr().err
+
+
+def test_vit_eval_other_head_scores_only_the_representation(tmp_path, timm_weights):
+    _, path = timm_weights  # a 4-class head; Pets here has 3 classes
+    fakes._fake_pets(tmp_path / "release")
+    _convert("pets", tmp_path / "release", tmp_path / "pets")
+    rc = evaluate.main([str(path), "--model", "vit_ti16", "--data", str(tmp_path / "pets"), "--split", "test",
+                        "--resolution", "64", "--fewshot", "1", "--workers", "0", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "pets-test-64px.json").read_text())["results"]
+    assert set(results) == {"samples", "fewshot_1"} and results["samples"] == 3
