@@ -4,7 +4,6 @@ Uses `sharding.stream` directly (no torch): the decoder returns the sample key, 
 seeded 15% of keys, so many partitions start a resumed reader on a bad sample (the path that
 searches backwards instead of remembering).
 """
-import collections
 
 import numpy as np
 import pytest
@@ -46,7 +45,7 @@ def batches(urls, bad, *, start=(0, 0), world=1, workers=1, steps=None):
         for worker in range(workers):
             stream = RankStream(ShardSource(urls), COUNTS, layout, seed=5, buffer=6, decode=decoder(bad), rank=rank,
                                 world_size=world, worker=worker, workers=workers, epoch=start[0], step=start[1])  # fmt: skip
-            for n, b in enumerate(stream):
+            for b in stream:
                 if b.epoch > start[0]:
                     break
                 out.setdefault(b.step, {})[rank] = (b.items, b.counters)
