@@ -72,8 +72,8 @@ class WarmupDecay:
     """
 
     def __init__(self, cfg: OptimConfig, total_steps: int):
-        self.warmup = cfg.warmup_steps
         self.total = max(total_steps, 1)
+        self.warmup = min(cfg.warmup_steps, self.total)
         self.kind = cfg.schedule
         self.floor = cfg.end_lr / cfg.lr
 

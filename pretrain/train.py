@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from pretrain import distributed
 from pretrain.checkpoint import Checkpointer, file_digest, fingerprint_diff, scan
@@ -28,7 +29,7 @@ from sharding.errors import UserError, cli_entry
 
 def say(rank: int, msg: str) -> None:
     if rank == 0:
-        print(msg, file=sys.stderr, flush=True)
+        tqdm.write(msg, file=sys.stderr)
 
 
 def _resolved(cfg) -> dict:

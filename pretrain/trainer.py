@@ -130,8 +130,10 @@ class Trainer:
         try:
             while step < total_steps:
                 t0 = time.perf_counter()
-                images, targets = next(batches)
+                with torch.random.fork_rng(devices=[]):  # loader iterators draw seeds: keep dropout's stream apart
+                    images, targets = next(batches)
                 t_data = time.perf_counter()
+                lr = self.engine.get_lr()[0]  # the rate this step uses
                 loss = self.train_step(images, targets)
                 if loss is None:
                     self._skip_nonfinite(step + 1)
@@ -144,22 +146,26 @@ class Trainer:
                     self.ema.update(self.engine.module)
                 self.samples_seen += self.cfg.batch_size
                 watchdog.beat(step)
-                window.add(loss, grad_norm, time.perf_counter() - t0, t_data - t0, self.cfg.batch_size)
+                window.add(loss, grad_norm, lr, time.perf_counter() - t0, t_data - t0, self.cfg.batch_size)
                 bar.update(1)
                 if step % self.cfg.log_every == 0 or step == total_steps:
                     self._log(step, window, bar)
                 stop_now = all_reduce_flags(stop.requested)[0] > 0
-                if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps and self.hooks.evaluate:
-                    self.log.write(step, "eval", self.hooks.evaluate(step))
+                if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps:
+                    self._evaluate(step)
                 if stop_now or step == total_steps or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
                     self.hooks.save(step)
                 if stop_now:
                     return "stopped"
         finally:
             bar.close()
-        if self.hooks.evaluate:
-            self.log.write(step, "eval", self.hooks.evaluate(step))
+        self._evaluate(step)
         return "done"
+
+    def _evaluate(self, step: int) -> None:
+        if self.hooks.evaluate:
+            with torch.random.fork_rng(devices=[]):
+                self.log.write(step, "eval", self.hooks.evaluate(step))
 
     def _skip_nonfinite(self, step: int) -> None:
         self.nonfinite_skips += 1
@@ -172,7 +178,6 @@ class Trainer:
 
     def _log(self, step: int, window: "_Window", bar) -> None:
         stats = window.flush()
-        stats["lr"] = self.engine.get_lr()[0]
         stats["samples_seen"] = self.samples_seen
         stats["nonfinite_skips"] = self.nonfinite_skips
         stats.update({f"data_{k}": v for k, v in getattr(self.loader, "counters", dict)().items()})
@@ -190,7 +195,8 @@ class _Window:
     def __init__(self):
         self.flush()
 
-    def add(self, loss, grad_norm, seconds, wait, images):
+    def add(self, loss, grad_norm, lr, seconds, wait, images):
+        self.lr = lr
         self.loss.append(loss)
         self.grad_norm.append(grad_norm)
         self.seconds += seconds
@@ -204,6 +210,7 @@ class _Window:
                 "loss": sum(self.loss) / len(self.loss),
                 "last_loss": self.loss[-1],
                 "grad_norm": sum(self.grad_norm) / len(self.grad_norm),
+                "lr": self.lr,
                 "images_per_s": self.images / max(self.seconds, 1e-9),
                 "data_wait": self.wait / max(self.seconds, 1e-9),
             }
