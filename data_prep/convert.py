@@ -283,8 +283,9 @@ def run_convert(cfg: PrepConfig) -> dict:
 def _run_shards(out: Path, source: Source, doc: dict, todo: list[ShardTask], workers: int) -> list[dict]:
     records = []
     total = sum(t.num_inputs for t in todo)
+    # In a SLURM log (not a terminal) a line every 30 s instead of a live bar.
     with tqdm(total=total, unit="img", desc="convert", smoothing=0.05, file=sys.stderr,
-              disable=None) as bar:
+              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         if workers == 1:
             _init_worker(out, source, doc)
             results = map(_convert_in_worker, todo)

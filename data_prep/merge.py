@@ -164,6 +164,7 @@ def _write_interop(out: Path, name: str, records: list[dict]) -> None:
 
 def _write_provenance(out: Path, doc: dict) -> None:
     tasks = [json.loads(p.read_text()) for p in sorted((out / fmt.WORK_DIR).glob("provenance-task-*.json"))]
+    listing = json.loads(work_path(out, "listing.json").read_text())
     atomic_write_text(out / fmt.PROVENANCE_JSON, canonical_json({
-        "plan_id": doc["plan_id"], "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "plan_id": doc["plan_id"], "source": listing["fingerprint"], "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "merge_command": sys.argv, "tasks": tasks}))
