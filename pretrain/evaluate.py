@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
