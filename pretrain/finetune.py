@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 @dataclass
 class InitConfig:
-    weights: str = ""  # run dir, its export/, timm .safetensors/.pth, or official .npz; "" = random init
+    weights: Optional[str] = None  # run dir, its export/, timm .safetensors/.pth, or official .npz; null/empty = random init
     reset_head: bool = True  # replace the pretraining head with a zero-initialised one for the target classes
     drop_representation: bool = True  # drop the pre-logits (Dense + tanh) layer, as the official fine-tuning does
     posemb_method: str = "bicubic"  # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
@@ -171,7 +171,7 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
             for line in held["init"]["lines"]:
                 say(rank, line)
         else:
-            say(rank, "init: random initialisation (init.weights is empty)")
+            say(rank, "init: random initialisation (init.weights is not set)")
         if cfg.init.linear_probe:
             say(rank, f"init: linear probe, {freeze_backbone(model):,} trainable parameters (the head)")
         held["model"] = model
