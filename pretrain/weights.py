@@ -336,18 +336,19 @@ def load_weights(
     posemb_method: Optional[str] = "bicubic",
     skip_prefixes: Sequence[str] = (),
     source: str = "checkpoint",
+    source_grid: Optional[Sequence[int]] = None,
 ) -> None:
     """Load `state_dict` into `model` strictly; raise one UserError naming every missing,
     unexpected or mismatched key. Keys under `skip_prefixes` (e.g. 'head.' before a head
     reset) are ignored on both sides. A `pos_embed` on another grid is resampled with
-    `posemb_method` (None: treat it as a mismatch); a checkpoint pos-emb in the big_vision
+    `posemb_method` (None: treat it as a mismatch) from `source_grid` (default: square); a checkpoint pos-emb in the big_vision
     layout (no class-token row) loads into a model with one by adding a zero row, which is exact."""
     state_dict = _strip_wrappers(state_dict)
     skip = lambda k: any(k.startswith(p) for p in skip_prefixes)
     own = {k: v for k, v in model.state_dict().items() if not skip(k)}
     incoming = {k: v for k, v in state_dict.items() if not skip(k)}
     if "pos_embed" in incoming and "pos_embed" in own:
-        incoming["pos_embed"] = _fit_posemb(incoming["pos_embed"], model, posemb_method)
+        incoming["pos_embed"] = _fit_posemb(incoming["pos_embed"], model, posemb_method, source_grid)
     problems = [f"missing {k}" for k in own if k not in incoming]
     problems += [f"unexpected {k}" for k in incoming if k not in own]
     problems += [
@@ -359,16 +360,18 @@ def load_weights(
     model.load_state_dict(incoming, strict=not skip_prefixes)
 
 
-def _fit_posemb(posemb: torch.Tensor, model, method: Optional[str]) -> torch.Tensor:
+def _fit_posemb(posemb: torch.Tensor, model, method: Optional[str], source_grid: Optional[Sequence[int]]) -> torch.Tensor:
     target = model.pos_embed
     if posemb.shape == target.shape or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
         return posemb
     prefix = model.num_prefix_tokens if model.cfg.posemb_class_token else 0
     rows = posemb.shape[1]
-    if model.num_prefix_tokens and not prefix and infer_grid_or_none(rows) is None:
+    # Which layout: with a known source grid, count rows; else a square count means no class-token row.
+    no_prefix_row = rows == source_grid[0] * source_grid[1] if source_grid else infer_grid_or_none(rows) is not None
+    if model.num_prefix_tokens and not prefix and not no_prefix_row:
         raise UserError("checkpoint pos_embed has a class-token row; build the model with model.posemb_class_token=true")
-    if prefix and infer_grid_or_none(rows) is not None:  # big_vision layout into a class-token-row model
+    if prefix and no_prefix_row:  # big_vision layout into a model with a class-token row
         posemb = torch.cat([posemb.new_zeros(1, prefix, posemb.shape[-1]), posemb], dim=1)
     if method is None or posemb.shape == target.shape:
         return posemb
-    return resample_posemb(posemb, model.grid_size, num_prefix_tokens=prefix, method=method)
+    return resample_posemb(posemb, model.grid_size, num_prefix_tokens=prefix, method=method, old_grid=source_grid)

@@ -173,6 +173,16 @@ def test_posemb_grid_mismatch_without_resampling_is_an_error():
         load_weights(create_model("vit_ti16", img_size=64, depth=2, num_classes=5), src, posemb_method=None)
 
 
+def test_rectangular_source_grid_is_resampled_with_linear_method():
+    src = tiny(img_size=32, img_width=64)  # 2x4 grid
+    dst = create_model("vit_ti16", img_size=64, depth=2, num_classes=5)  # 4x4 grid
+    load_weights(dst, src.state_dict(), posemb_method="linear", source_grid=(2, 4))
+    from pretrain.posemb import resample_posemb
+
+    expected = resample_posemb(src.pos_embed.detach(), (4, 4), method="linear", old_grid=(2, 4))
+    torch.testing.assert_close(dst.pos_embed.detach(), expected)
+
+
 def test_timm_features_we_do_not_have_are_reported():
     theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1, global_pool="avg")
     with pytest.raises(UserError, match="fc_norm"):
