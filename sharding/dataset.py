@@ -55,7 +55,10 @@ class ShardDataset:
         if self.info.get("format_version") != fmt.FORMAT_VERSION:
             raise UserError(f"{info_path}: format version {self.info.get('format_version')}, "
                             f"this code reads {fmt.FORMAT_VERSION}")
-        table = read_table(self.path / fmt.SHARD_TABLE, SHARD_SCHEMA)
+        try:
+            table = read_table(self.path / fmt.SHARD_TABLE, SHARD_SCHEMA)
+        except (OSError, ValueError) as e:  # pyarrow's errors derive from these
+            raise UserError(f"{self.path / fmt.SHARD_TABLE}: unreadable shard table: {e}") from None
         self._shards: dict[str, list[ShardInfo]] = {s: [] for s in self.splits}
         for row in table.to_pylist():
             self._shards.setdefault(row["split"], []).append(ShardInfo(

@@ -89,16 +89,20 @@ def require_input(cfg: SourceConfig, what: str):
 
 
 def read_file_bytes(path) -> bytes:
-    """Read a listed file, turning every way it can be unavailable into a rejection."""
+    """Read a listed file, turning every way it can be unavailable into a rejection.
+
+    The detail leaves the path out (the rejection row already names the source id), so
+    rejected.parquet does not change with where the collection is mounted.
+    """
     try:
         with open(path, "rb") as f:
             return f.read()
     except IsADirectoryError:
-        raise Rejected(UNREADABLE, f"{path}: is a directory") from None
+        raise Rejected(UNREADABLE, "is a directory") from None
     except FileNotFoundError:
-        raise Rejected(UNREADABLE, f"{path}: missing or a broken link") from None
+        raise Rejected(UNREADABLE, "missing, or a broken link") from None
     except OSError as e:
-        raise Rejected(UNREADABLE, f"{path}: {e.strerror or e}") from None
+        raise Rejected(UNREADABLE, e.strerror or type(e).__name__) from None
 
 
 __all__ = ["Source", "SourceConfig", "Listing", "Rejected", "UNREADABLE", "UNSAFE_NAME",

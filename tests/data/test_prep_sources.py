@@ -144,3 +144,18 @@ def test_the_unpickler_refuses_code(tmp_path):
     assert not (tmp_path / "pwned").exists()
     arr = safe_unpickle(pickle.dumps({b"data": np.arange(6, dtype=np.uint8)}, protocol=2), "x")[b"data"]
     assert arr.tolist() == list(range(6))
+
+
+def test_imagefolder_with_split_folders_keeps_them(tmp_path):
+    for split, n in (("train", 5), ("val", 2)):
+        for cls in ("b_dog", "a_cat"):
+            _images(tmp_path / "in" / split / cls, n)
+    out = tmp_path / "out"
+    assert prep_main(["convert", "--source", "imagefolder", "--input", str(tmp_path / "in"),
+                      "--output", str(out)]) == 0
+    ds = sharding.open_dataset(out)
+    assert ds.splits == ["train", "val"] and ds.num_samples("train") == 10 and ds.num_samples("val") == 4
+    assert [c.class_id for c in ds.classes] == ["a_cat", "b_dog"]
+    rows = _all_rows(ds)
+    assert all(r["source_id"].startswith(r["split"] + "/") for r in rows)
+    assert all(r["label"] == (0 if "/a_cat/" in r["source_id"] else 1) for r in rows)
