@@ -86,6 +86,10 @@ def test_info_and_rerun_on_a_finished_dataset(digits, capsys):
     assert (digits / "dataset.json").read_bytes() == before
     assert prep_main(["convert", "--source", "digits", "--output", str(digits), "--seed", "1"]) == 2
     assert "different settings" in capsys.readouterr().err
+    from timm.data.readers.reader_wds import _load_info, _parse_split_info
+
+    val = _parse_split_info("val", _load_info(str(digits)))  # what timm's WebDataset reader sees
+    assert val.num_samples == 179 and val.shard_lengths == (128, 51)
     info = json.loads((digits / "_info.json").read_text())
     assert info["splits"]["train"]["shard_lengths"][-1] == 30
     assert json.loads((digits / "shards" / "sizes.json").read_text())["val-000001.tar"] == 51
