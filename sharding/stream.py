@@ -31,7 +31,7 @@ import numpy as np
 from sharding.atomic import fsync_dir
 from sharding.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, iter_epoch_steps, partition_order
-from sharding.tar_reader import ShardDamage, ShardSample, iter_samples, skip_samples
+from sharding.tar_reader import ShardDamage, ShardSample, TruncatedShard, iter_samples, skip_samples
 
 log = logging.getLogger(__name__)
 
@@ -90,29 +90,62 @@ class ShardSource:
         return open(cached, "rb", buffering=1 << 20)
 
     def read_run(self, shard: int, first: int, count: int) -> Iterator[ShardSample | str]:
-        """Samples first..first+count-1 of a shard in order; a damaged one (and all after it) as its reason."""
+        """Samples first..first+count-1 of a shard in order; an unusable one as its reason.
+
+        Damage is handled so that the outcome for a sample never depends on where reading
+        started: past a corrupt header, reading resumes at the next sample the index places
+        after it (exactly where a reader seeking to that sample would start); a truncated
+        shard, an unopenable one, or damage without an index loses everything after.
+        """
         done = 0
         try:
             with self.open(shard) as f:
-                offset = self.offset_of(shard, first) if self.offset_of else None
-                if offset is None:
-                    skip_samples(f, first)
-                else:
-                    f.seek(offset)
-                for sample in iter_samples(f):
-                    if done == count:
-                        return
-                    yield sample
-                    done += 1
-            reason = "truncated"  # the shard held fewer samples than its index says
+                self._seek(f, shard, first)
+                while done < count:
+                    try:
+                        for sample in iter_samples(f):
+                            if done == count:
+                                return
+                            yield sample
+                            done += 1
+                        break  # the shard ended early: the rest is counted as truncated below
+                    except ShardDamage as e:
+                        log.warning("%s: %s", self.name(shard), e)
+                        resume = self._resume_after(shard, first + done, e)
+                        if resume is None:
+                            raise
+                        while done < count and first + done < resume:
+                            yield e.reason
+                            done += 1
+                        if done < count:
+                            f.seek(self.offset_of(shard, resume))
+            reason = "truncated"
         except ShardDamage as e:
             reason = e.reason
-            log.warning("%s: %s", self.name(shard), e)
         except Exception as e:  # missing file, refused connection, no range support: all count alike
             reason = "unreadable"
             log.warning("%s: cannot read: %s", self.name(shard), e)
         for _ in range(count - done):
             yield reason
+
+    def _seek(self, f: BinaryIO, shard: int, first: int) -> None:
+        offset = self.offset_of(shard, first) if self.offset_of else None
+        if offset is None:
+            skip_samples(f, first)
+        else:
+            f.seek(offset)
+
+    def _resume_after(self, shard: int, sample: int, damage: ShardDamage) -> int | None:
+        """The first sample from `sample` on that starts after the damage, if the index says."""
+        if isinstance(damage, TruncatedShard) or damage.offset < 0 or self.offset_of is None:
+            return None
+        while True:
+            offset = self.offset_of(shard, sample)
+            if offset is None:
+                return None
+            if offset > damage.offset:
+                return sample
+            sample += 1
 
 
 class IndexOffsets:
@@ -187,6 +220,9 @@ class PartitionReader:
         self.stream = self._read_from(start)
         self.store: dict[int, ShardSample | str] = {}  # read, owed, not yet emitted
         self.last_good: ShardSample | None = None
+        # Per segment: (first position lost for good, reason). A truncated or unopenable shard
+        # fails from some point to its end, so the substitute search skips it without I/O.
+        self.bad_from: dict[int, tuple[int, str]] = {}
         self.logged = 0
 
     @property
@@ -197,21 +233,33 @@ class PartitionReader:
         i = int(np.searchsorted(self.seg_start, pos, side="right")) - 1
         return i, pos - int(self.seg_start[i])
 
+    def _note_bad(self, segment: int, offset: int, item: ShardSample | str) -> None:
+        final = item in ("truncated", "unreadable")  # a corrupt header leaves later samples readable
+        if final and offset < self.bad_from.get(segment, (offset + 1, ""))[0]:
+            self.bad_from[segment] = (offset, item)
+
     def _read_from(self, pos: int) -> Iterator[tuple[int, ShardSample | str]]:
         if pos >= self.length:
             return
         i, offset = self._locate(pos)
-        for seg in self.segments[i:]:
+        for seg_index, seg in enumerate(self.segments[i:], start=i):
             for item in self.source.read_run(seg.shard, seg.first + offset, seg.count - offset):
+                self._note_bad(seg_index, offset, item)
                 yield pos, item
                 pos += 1
+                offset += 1
             offset = 0
 
     def _read_one(self, pos: int) -> ShardSample | str:
         """Random access, only on the rare substitute path."""
         i, offset = self._locate(pos)
+        known = self.bad_from.get(i)
+        if known and offset >= known[0]:
+            return known[1]
         seg = self.segments[i]
-        return next(self.source.read_run(seg.shard, seg.first + offset, 1))
+        item = next(self.source.read_run(seg.shard, seg.first + offset, 1))
+        self._note_bad(i, offset, item)
+        return item
 
     def _take(self, pos: int) -> ShardSample | str:
         while pos not in self.store:
@@ -266,7 +314,10 @@ class PartitionReader:
             value, reason = self._use(self._read_one(int(self.order[jj])), key)
             if reason is None:
                 return value
-        raise StreamError(f"partition {self.partition} of epoch {self.plan.epoch} has no valid sample")
+        raise StreamError(
+            f"partition {self.partition} of epoch {self.plan.epoch} has no valid sample "
+            f"(e.g. {self._where(int(self.order[j]))}: {reason}); check the shards, data.path and data.shards_url"
+        )
 
 
 # -- one rank (or one loader worker of it) -----------------------------------------------------

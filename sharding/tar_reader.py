@@ -14,9 +14,17 @@ BLOCK = 512
 
 
 class ShardDamage(Exception):
-    """The shard cannot be read past this point; `reason` is the counter name."""
+    """A corrupt member header at byte `offset`: sequential reading cannot continue past it.
 
-    reason = "unreadable"
+    `reason` is the counter name. With the shard index, reading resumes at the next sample
+    that starts after `offset`; without it, the rest of the shard is lost.
+    """
+
+    reason = "corrupt"
+
+    def __init__(self, message: str, offset: int = -1):
+        super().__init__(message)
+        self.offset = offset
 
 
 class TruncatedShard(ShardDamage):
@@ -75,7 +83,7 @@ def iter_headers(f: BinaryIO) -> Iterator[tuple[int, str, int]]:
         if header == b"\0" * BLOCK:
             return
         if _octal(header[148:156]) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ShardDamage(f"bad tar header checksum at byte {pos}")
+            raise ShardDamage(f"bad tar header checksum at byte {pos}", pos)
         size = _octal(header[124:136])
         kind = header[156:157]
         if kind in (b"x", b"L"):

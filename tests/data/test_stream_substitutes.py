@@ -4,6 +4,7 @@ Uses `sharding.stream` directly (no torch): the decoder returns the sample key, 
 seeded 15% of keys, so many partitions start a resumed reader on a bad sample (the path that
 searches backwards instead of remembering).
 """
+import collections
 
 import numpy as np
 import pytest
@@ -18,32 +19,47 @@ COUNTS = [23, 31, 17, 40, 9, 28]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    """Shards with a corrupt header (shard 3, sample 10's label) and a cut (shard 1, inside sample 20)."""
     root = tmp_path_factory.mktemp("subst")
-    urls = []
+    urls, offsets = [], []
     for shard, count in enumerate(COUNTS):
         path = root / fmt.shard_path("train", shard)
         with ShardTarWriter(path) as w:
-            for slot in range(count):
-                w.add(fmt.sample_key("train", shard, slot), [("jpg", b"\xff\xd8 not really"), ("cls", b"0")])
+            locs = [w.add(fmt.sample_key("train", shard, slot), [("jpg", b"\xff\xd8 not really"), ("cls", b"0")])
+                    for slot in range(count)]  # fmt: skip
         urls.append(str(path))
-    return urls
+        offsets.append([loc.offset for loc in locs])
+    data = bytearray((root / fmt.shard_path("train", 3)).read_bytes())
+    label_header = offsets[3][10] + 1024  # jpg header + one data block, then the cls header
+    data[label_header : label_header + 4] = b"\x01\x02\x03\x04"
+    (root / fmt.shard_path("train", 3)).write_bytes(bytes(data))
+    cut = (root / fmt.shard_path("train", 1)).read_bytes()[: offsets[1][20] + 700]
+    (root / fmt.shard_path("train", 1)).write_bytes(cut)
+    return urls, offsets
+
+
+def index_of(offsets):
+    return lambda shard, first: offsets[shard][first] if first < len(offsets[shard]) else None
 
 
 def decoder(bad: set[str]):
     def decode(sample, key):
         if sample.key in bad:
             raise ValueError("refused")
+        sample.members["cls"]  # a sample cut between its members lacks this: KeyError
         return sample.key
 
     return decode
 
 
-def batches(urls, bad, *, start=(0, 0), world=1, workers=1, steps=None):
-    layout = StreamLayout(12, 4, 4)
+def batches(shards, bad, *, start=(0, 0), world=1, workers=1, indexed=True):
+    urls, offsets = shards
+    layout = StreamLayout(12, 2, 2)  # 4 partitions of ~36 samples
     out = {}
     for rank in range(world):
         for worker in range(workers):
-            stream = RankStream(ShardSource(urls), COUNTS, layout, seed=5, buffer=6, decode=decoder(bad), rank=rank,
+            source = ShardSource(urls, offset_of=index_of(offsets) if indexed else None)
+            stream = RankStream(source, COUNTS, layout, seed=5, buffer=6, decode=decoder(bad), rank=rank,
                                 world_size=world, worker=worker, workers=workers, epoch=start[0], step=start[1])  # fmt: skip
             for b in stream:
                 if b.epoch > start[0]:
@@ -52,21 +68,36 @@ def batches(urls, bad, *, start=(0, 0), world=1, workers=1, steps=None):
     return {s: sum((v[r][0] for r in sorted(v)), []) for s, v in out.items()}, out
 
 
-def test_resume_at_every_step_reproduces_substitutes(shards):
+@pytest.mark.parametrize("indexed", [True, False])
+def test_resume_at_every_step_reproduces_substitutes(shards, indexed):
     rng = np.random.default_rng(0)
     keys = [fmt.sample_key("train", s, i) for s, c in enumerate(COUNTS) for i in range(c)]
     bad = set(rng.choice(keys, size=len(keys) * 15 // 100, replace=False).tolist())
-    full, raw = batches(shards, bad)
+    bad.discard(fmt.sample_key("train", 3, 10))  # its loss should show as the cut member
+    full, raw = batches(shards, bad, indexed=indexed)
     steps = len(full)
     assert steps == sum(COUNTS) // 12
-    subs = sum(c.get("substituted", 0) for v in raw.values() for _, c in v.values())
+    counts = collections.Counter()
+    for per_rank in raw.values():
+        for _, c in per_rank.values():
+            counts.update(c)
     taken = [k for s in range(steps) for k in full[s]]
     assert not set(taken) & bad
-    assert len(taken) - len(set(taken)) == subs > 0
+    assert len(taken) - len(set(taken)) == counts["substituted"] > 0
+    # The corrupt label header costs its own sample (missing member); without the index, also the rest.
+    assert counts["truncated"] > 0 and counts["missing_member"] == 1
+    assert (counts["corrupt"] > 0) != indexed
+    # With the index, reading resumes after the corrupt header: the samples after it survive.
+    survivors = {fmt.sample_key("train", 3, i) for i in range(11, COUNTS[3])} - bad
+    remainder = sum(COUNTS) % 12  # at most this many are simply not read this epoch
+    if indexed:
+        assert len(survivors & set(taken)) >= len(survivors) - remainder
+    else:
+        assert not survivors & set(taken)
     for s0 in range(steps):
-        resumed, _ = batches(shards, bad, start=(0, s0))
+        resumed, _ = batches(shards, bad, start=(0, s0), indexed=indexed)
         assert [resumed[s] for s in range(s0, steps)] == [full[s] for s in range(s0, steps)], f"resume at {s0}"
-    split, _ = batches(shards, bad, world=2, workers=2)
+    split, _ = batches(shards, bad, world=2, workers=2, indexed=indexed)
     assert split == full
 
 
