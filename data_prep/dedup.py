@@ -183,12 +183,14 @@ class Match:
     distance: float  # 0 for exact
 
 
-def near_distances(query: Signatures, ref: Signatures, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def near_distances(query: Signatures, ref: Signatures, cutoff: float = THRESHOLD, block: int = 16384,
+                   pairs_per_chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """For each query near row: (smallest distance to any ref row, that row's ref image).
 
-    Hamming distance from a matrix product of +-1 codes (BLAS), blocked over the ref rows;
-    the colour term is computed only where the Hamming part alone is already within the
-    threshold, since distance >= Hamming.
+    Only pairs whose Hamming part is within `cutoff` get a distance (distance >= Hamming,
+    so nothing within `cutoff` is missed); the others count as inf. Hamming distances come
+    from a matrix product of +-1 codes (BLAS), blocked over the ref rows; the colour term
+    is computed a bounded number of pairs at a time.
     """
     n = len(query.owner)
     best = np.full(n, np.inf)
@@ -199,18 +201,18 @@ def near_distances(query: Signatures, ref: Signatures, block: int = 16384) -> tu
     for start in range(0, len(ref.owner), block):
         r = ref.bits[start : start + block].astype(np.float32) * 2 - 1
         hamming = (HASH_BITS - q @ r.T) / 2  # (n, b)
-        qi, ri = np.nonzero(hamming <= THRESHOLD)
-        if qi.size == 0:
-            continue
-        colour = np.abs(query.colour[qi] - ref.colour[start + ri]).mean(axis=1)
-        dist = hamming[qi, ri] + COLOUR_WEIGHT * colour
-        order = np.lexsort((dist, qi))  # per query row, smallest distance first
-        qi, ri, dist = qi[order], ri[order], dist[order]
-        first = np.r_[True, qi[1:] != qi[:-1]]
-        qi, ri, dist = qi[first], ri[first], dist[first]
-        better = dist < best[qi]
-        best[qi[better]] = dist[better]
-        best_owner[qi[better]] = ref.owner[start + ri[better]]
+        cand_q, cand_r = np.nonzero(hamming <= cutoff)
+        for c in range(0, cand_q.size, pairs_per_chunk):
+            qi, ri = cand_q[c : c + pairs_per_chunk], cand_r[c : c + pairs_per_chunk]
+            colour = np.abs(query.colour[qi] - ref.colour[start + ri]).mean(axis=1)
+            dist = hamming[qi, ri] + COLOUR_WEIGHT * colour
+            order = np.lexsort((dist, qi))  # per query row, smallest distance first
+            qi, ri, dist = qi[order], ri[order], dist[order]
+            first = np.r_[True, qi[1:] != qi[:-1]]
+            qi, ri, dist = qi[first], ri[first], dist[first]
+            better = dist < best[qi]
+            best[qi[better]] = dist[better]
+            best_owner[qi[better]] = ref.owner[start + ri[better]]
     return best, best_owner
 
 
