@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import shutil
 import socket
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -288,19 +289,24 @@ def _run_shards(out: Path, source: Source, doc: dict, todo: list[ShardTask], wor
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         if workers == 1:
             _init_worker(out, source, doc)
-            results = map(_convert_in_worker, todo)
-            pool = None
-        else:
-            pool = multiprocessing.get_context().Pool(workers, _init_worker, (out, source, doc))
-            results = pool.imap_unordered(_convert_in_worker, todo)
-        try:
-            for rec in results:
-                records.append(rec)
-                bar.update(rec["num_inputs"])
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+            for task in todo:
+                records.append(_convert_in_worker(task))
+                bar.update(task.num_inputs)
+            return records
+        # An executor, not multiprocessing.Pool: a worker that dies (a crash inside a
+        # decoder, the OOM killer) fails the run instead of hanging it.
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(out, source, doc)) as pool:
+            futures = [pool.submit(_convert_in_worker, t) for t in todo]
+            try:
+                for future in as_completed(futures):
+                    records.append(future.result())
+                    bar.update(records[-1]["num_inputs"])
+            except BrokenProcessPool:
+                raise UserError(f"a convert worker died; the {len(records)} shards finished here are kept: "
+                                "rerun the same command to convert the rest") from None
+            finally:
+                for f in futures:
+                    f.cancel()
     return records
 
 

@@ -95,3 +95,26 @@ def test_kill_9_at_random_moments_then_rerun_is_byte_identical(clean, tmp_path):
     assert final.returncode == 0, final.stderr
     assert done_before > 0 and f"({done_before} already done)" in final.stderr  # reruns redo only the rest
     assert tree_bytes(out) == clean
+
+
+def test_a_dying_worker_fails_the_run_clearly_and_a_rerun_finishes(tmp_path, capsys):
+    from data_prep.sources import register_source
+    from data_prep.sources.digits import DigitsSource
+
+    marker = tmp_path / "died-once"
+
+    @register_source("test_dies_once")
+    class DiesOnce(DigitsSource):
+        def read(self, item):
+            if item["row"] == 100 and not marker.exists():
+                marker.touch()
+                os._exit(3)  # as a decoder segfault or the OOM killer would end it
+            return super().read(item)
+
+    out = tmp_path / "out"
+    args = ["convert", "--source", "test_dies_once", "--output", str(out), "--samples-per-shard", "200",
+            "--workers", "2"]
+    assert prep_main(args) == 2
+    assert "a convert worker died" in capsys.readouterr().err
+    assert prep_main(args) == 0
+    assert (out / "dataset.json").exists() and marker.exists()
