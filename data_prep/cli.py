@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-read every shard; exit 1 on any problem")
     v.add_argument("dir")
     v.add_argument("--no-decode", action="store_true", help="skip decoding images (checksums only)")
+    v.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
     i = sub.add_parser("info", help="what a dataset holds")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print dataset.json")
@@ -103,7 +104,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     total = sum(len(ShardDataset(args.dir).shards(s)) for s in ShardDataset(args.dir).splits)
     with tqdm(total=total, unit="shard", desc="verify", file=sys.stderr, disable=None) as bar:
-        report = verify_dataset(args.dir, decode=not args.no_decode, progress=lambda s: bar.update(1))
+        report = verify_dataset(args.dir, decode=not args.no_decode, workers=max(1, args.workers),
+                                progress=lambda s: bar.update(1))
     for problem in report.problems:
         print(f"problem: {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} problems"

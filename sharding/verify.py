@@ -8,10 +8,13 @@ rejected.parquet reconcile (inputs = samples + rejected), and every excluded key
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -98,24 +101,42 @@ def verify_shard(ds: ShardDataset, shard: ShardInfo, decode: bool = True) -> lis
     return problems
 
 
-def verify_dataset(path: str | Path, decode: bool = True,
+@functools.lru_cache(maxsize=4)
+def _dataset(path: str) -> ShardDataset:
+    return ShardDataset(path)
+
+
+def _verify_one(path: str, split: str, name: str, decode: bool) -> tuple[list[str], list[str]]:
+    """(problems, keys) of one shard; runs in a worker process."""
+    ds = _dataset(path)
+    shard = next(s for s in ds.shards(split) if s.name == name)
+    keys = ds.sample_index(split, name).column("key").to_pylist()
+    return verify_shard(ds, shard, decode), keys
+
+
+def verify_dataset(path: str | Path, decode: bool = True, workers: int = 1,
                    progress: Callable[[ShardInfo], None] = lambda s: None) -> VerifyReport:
     ds = ShardDataset(path)
     report = VerifyReport()
     keys: set[str] = set()
+    shards = []
     for split in ds.splits:
         split_info = ds.info["splits"][split]
-        shards = ds.shards(split)
-        if len(shards) != split_info["num_shards"]:
-            report.problems.append(f"{split}: {len(shards)} shards in the table, dataset.json says {split_info['num_shards']}")
-        if sum(s.num_samples for s in shards) != split_info["num_samples"]:
-            report.problems.append(f"{split}: shard table sums to {sum(s.num_samples for s in shards)} samples, "
+        in_split = ds.shards(split)
+        shards += in_split
+        if len(in_split) != split_info["num_shards"]:
+            report.problems.append(f"{split}: {len(in_split)} shards in the table, dataset.json says {split_info['num_shards']}")
+        if sum(s.num_samples for s in in_split) != split_info["num_samples"]:
+            report.problems.append(f"{split}: shard table sums to {sum(s.num_samples for s in in_split)} samples, "
                                    f"dataset.json says {split_info['num_samples']}")
         if split_info["num_samples"] + split_info["num_rejected"] != split_info["num_inputs"]:
             report.problems.append(f"{split}: samples + rejected != inputs in dataset.json")
-        for shard in shards:
-            report.problems += verify_shard(ds, shard, decode)
-            keys.update(ds.sample_index(split, shard.name).column("key").to_pylist())
+    jobs = [(str(ds.path), s.split, s.name, decode) for s in shards]
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(_verify_one, *zip(*jobs)) if pool and jobs else map(lambda j: _verify_one(*j), jobs)
+        for shard, (problems, shard_keys) in zip(shards, results):  # in order: a stable report
+            report.problems += problems
+            keys.update(shard_keys)
             report.shards += 1
             report.samples += shard.num_samples
             report.bytes += shard.num_bytes
