@@ -26,7 +26,7 @@ import sharding
 from sharding import format as fmt
 from sharding.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, default_width
-from sharding.stream import IndexOffsets, RankStream, ShardSource, check_error_rate, eval_batches, read_eval_batch
+from sharding.stream import RankStream, ShardIndex, ShardSource, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
 from pretrain import transforms as T
 
@@ -57,6 +57,7 @@ class DataConfig:
     std: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.5])  # mean = std = 0.5 maps to [-1, 1]
     eval_crop_fraction: float = 1.0  # evaluation centre crop: this fraction of the shorter side, resized to img_size
     max_error_rate: float = 0.01  # abort when more than this fraction of training samples had to be substituted
+    verify_samples: bool = True  # check each sample's key and JPEG sha256 against the index (~2% of decode time)
 
 
 # -- from a shard dataset to byte sources ------------------------------------------------------
@@ -80,7 +81,7 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     base = cfg.shards_url.rstrip("/") if cfg.shards_url else None
     urls = [f"{base}/{fmt.shard_path(split, s.index)}" if base else s.path for s in shards]
     return SplitSource(
-        source=ShardSource(urls, cfg.cache_dir, IndexOffsets(cfg.path, split, [s.name for s in shards])),
+        source=ShardSource(urls, cfg.cache_dir, ShardIndex(cfg.path, split, [s.name for s in shards]), cfg.verify_samples),
         counts=[int(s.num_samples) for s in shards],
         num_classes=int(ds.num_classes),
         multi_label=ds.label_kind == "multi",

@@ -36,7 +36,6 @@ from sharding.tar_reader import ShardDamage, ShardSample, TruncatedShard, iter_s
 log = logging.getLogger(__name__)
 
 Decode = Callable[[ShardSample, tuple[int, ...]], Any]
-OffsetOf = Callable[[int, int], "int | None"]  # (shard, sample position) -> byte offset, if indexed
 MAX_LOGGED = 20  # per reader; the totals are always counted
 
 
@@ -53,21 +52,58 @@ def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+class ShardRows(NamedTuple):
+    """What the dataset index says about one shard's samples, in order."""
+
+    offsets: np.ndarray  # byte offset of each sample's first header
+    keys: list[str]
+    sha256: list[str]  # hex digest of each sample's JPEG bytes
+
+
+class ShardIndex:
+    """Reads one shard's rows from the dataset's per-shard index files, on demand.
+
+    At JFT scale the whole index is tens of GB; a reader needs only the shard it is in.
+    Plain data, so loader processes receive it under any start method.
+    """
+
+    def __init__(self, dataset_path: str, split: str, shard_names: Sequence[str]):
+        self.dataset_path, self.split, self.shard_names = dataset_path, split, list(shard_names)
+
+    def rows(self, shard: int) -> ShardRows | None:
+        from sharding.dataset import open_dataset
+
+        name = self.shard_names[shard]
+        try:
+            table = open_dataset(self.dataset_path).sample_index(self.split, name)
+        except (OSError, ValueError, UserError) as e:  # reading still works, by scanning headers
+            log.warning("no usable index for %s (%s); scanning its headers, not verifying", name, e)
+            return None
+        cols = table.select(["sample_offset", "key", "sha256"]).to_pydict()
+        return ShardRows(np.asarray(cols["sample_offset"], dtype=np.int64), cols["key"], cols["sha256"])
+
+
 class ShardSource:
     """Opens shards by URL: local paths directly, anything else through fsspec.
 
     With `cache_dir`, a remote shard is first copied whole into that per-node folder (temp
     file, fsync, rename: concurrent workers may race, the last identical copy wins) and read
     from there, so a shard read by several readers on a node crosses the network once.
+    With `index`, readers seek straight to a sample and, if `verify`, check each sample's key
+    and JPEG digest against the index.
     """
 
-    def __init__(self, urls: Sequence[str], cache_dir: str | None = None, offset_of: OffsetOf | None = None):
+    def __init__(self, urls: Sequence[str], cache_dir: str | None = None, index: ShardIndex | None = None,
+                 verify: bool = True):  # fmt: skip
         self.urls = list(urls)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.offset_of = offset_of
+        self.index, self.verify = index, verify
 
     def name(self, shard: int) -> str:
         return self.urls[shard].rsplit("/", 1)[-1]
+
+    def rows(self, shard: int) -> ShardRows | None:
+        return self.index.rows(shard) if self.index else None
 
     def open(self, shard: int) -> BinaryIO:
         url = self.urls[shard]
@@ -89,36 +125,40 @@ class ShardSource:
             fsync_dir(self.cache_dir)
         return open(cached, "rb", buffering=1 << 20)
 
-    def read_run(self, shard: int, first: int, count: int) -> Iterator[ShardSample | str]:
+    def read_run(self, shard: int, first: int, count: int, rows: ShardRows | None) -> Iterator[ShardSample | str]:
         """Samples first..first+count-1 of a shard in order; an unusable one as its reason.
 
-        Damage is handled so that the outcome for a sample never depends on where reading
-        started: past a corrupt header, reading resumes at the next sample the index places
-        after it (exactly where a reader seeking to that sample would start); a truncated
-        shard, an unopenable one, or damage without an index loses everything after.
+        `rows` is the shard's index (None: scan headers, check nothing). Damage is handled so
+        that the outcome for a sample never depends on where reading started: past a corrupt
+        header, reading resumes at the next sample the index places after it (exactly where a
+        reader seeking to that sample would start); a truncated shard, an unopenable one, or
+        damage without an index loses everything after.
         """
         done = 0
         try:
             with self.open(shard) as f:
-                self._seek(f, shard, first)
+                if rows is not None and first < len(rows.offsets):
+                    f.seek(int(rows.offsets[first]))
+                else:
+                    skip_samples(f, first)
                 while done < count:
                     try:
                         for sample in iter_samples(f):
                             if done == count:
                                 return
-                            yield sample
+                            yield self._checked(sample, rows, first + done)
                             done += 1
                         break  # the shard ended early: the rest is counted as truncated below
                     except ShardDamage as e:
                         log.warning("%s: %s", self.name(shard), e)
-                        resume = self._resume_after(shard, first + done, e)
+                        resume = _resume_after(rows, first + done, e)
                         if resume is None:
                             raise
                         while done < count and first + done < resume:
                             yield e.reason
                             done += 1
                         if done < count:
-                            f.seek(self.offset_of(shard, resume))
+                            f.seek(int(rows.offsets[resume]))
             reason = "truncated"
         except ShardDamage as e:
             reason = e.reason
@@ -128,52 +168,25 @@ class ShardSource:
         for _ in range(count - done):
             yield reason
 
-    def _seek(self, f: BinaryIO, shard: int, first: int) -> None:
-        offset = self.offset_of(shard, first) if self.offset_of else None
-        if offset is None:
-            skip_samples(f, first)
-        else:
-            f.seek(offset)
-
-    def _resume_after(self, shard: int, sample: int, damage: ShardDamage) -> int | None:
-        """The first sample from `sample` on that starts after the damage, if the index says."""
-        if isinstance(damage, TruncatedShard) or damage.offset < 0 or self.offset_of is None:
-            return None
-        while True:
-            offset = self.offset_of(shard, sample)
-            if offset is None:
-                return None
-            if offset > damage.offset:
-                return sample
-            sample += 1
+    def _checked(self, sample: ShardSample, rows: ShardRows | None, position: int) -> ShardSample | str:
+        """The sample, or why it disagrees with the index (bytes changed since conversion)."""
+        if rows is None or not self.verify:
+            return sample
+        if position >= len(rows.keys) or sample.key != rows.keys[position]:
+            return "index_mismatch"
+        jpg = sample.members.get("jpg")
+        if jpg is not None and hashlib.sha256(jpg).hexdigest() != rows.sha256[position]:
+            return "checksum"
+        return sample
 
 
-class IndexOffsets:
-    """Byte offset of a sample from the dataset's per-shard index, so readers seek instead of scanning.
-
-    Loads one shard's offsets at a time (a reader moves through its shards in order); a
-    process that never seeks never reads the index. Plain data, so loader processes can
-    receive it under any start method.
-    """
-
-    def __init__(self, dataset_path: str, split: str, shard_names: Sequence[str]):
-        self.dataset_path, self.split, self.shard_names = dataset_path, split, list(shard_names)
-        self._cached: tuple[int, np.ndarray | None] | None = None
-
-    def __call__(self, shard: int, first: int) -> int | None:
-        if first == 0:
-            return 0
-        if self._cached is None or self._cached[0] != shard:
-            from sharding.dataset import open_dataset
-
-            try:
-                table = open_dataset(self.dataset_path).sample_index(self.split, self.shard_names[shard])
-                self._cached = (shard, table.column("sample_offset").to_numpy())
-            except (OSError, ValueError, UserError) as e:  # scanning headers still finds the sample
-                log.warning("no usable index for %s (%s); scanning its headers", self.shard_names[shard], e)
-                self._cached = (shard, None)
-        offsets = self._cached[1]
-        return int(offsets[first]) if offsets is not None and first < len(offsets) else None
+def _resume_after(rows: ShardRows | None, sample: int, damage: ShardDamage) -> int | None:
+    """The first sample from `sample` on that starts after the damage, if the index says."""
+    if isinstance(damage, TruncatedShard) or damage.offset < 0 or rows is None:
+        return None
+    after = int(np.searchsorted(rows.offsets, damage.offset, side="right"))
+    resume = max(sample, after)
+    return resume if resume < len(rows.offsets) else None
 
 
 # -- counting losses ---------------------------------------------------------------------------
@@ -223,6 +236,7 @@ class PartitionReader:
         # Per segment: (first position lost for good, reason). A truncated or unopenable shard
         # fails from some point to its end, so the substitute search skips it without I/O.
         self.bad_from: dict[int, tuple[int, str]] = {}
+        self._cached_rows: tuple[int, ShardRows | None] = (-1, None)
         self.logged = 0
 
     @property
@@ -238,12 +252,20 @@ class PartitionReader:
         if final and offset < self.bad_from.get(segment, (offset + 1, ""))[0]:
             self.bad_from[segment] = (offset, item)
 
+    def _rows(self, segment: int) -> ShardRows | None:
+        """The index rows of a segment's shard; the last one is kept (a reader moves shard by shard)."""
+        shard = self.segments[segment].shard
+        if self._cached_rows[0] != shard:
+            self._cached_rows = (shard, self.source.rows(shard))
+        return self._cached_rows[1]
+
     def _read_from(self, pos: int) -> Iterator[tuple[int, ShardSample | str]]:
         if pos >= self.length:
             return
         i, offset = self._locate(pos)
         for seg_index, seg in enumerate(self.segments[i:], start=i):
-            for item in self.source.read_run(seg.shard, seg.first + offset, seg.count - offset):
+            rows = self._rows(seg_index)
+            for item in self.source.read_run(seg.shard, seg.first + offset, seg.count - offset, rows):
                 self._note_bad(seg_index, offset, item)
                 yield pos, item
                 pos += 1
@@ -257,7 +279,7 @@ class PartitionReader:
         if known and offset >= known[0]:
             return known[1]
         seg = self.segments[i]
-        item = next(self.source.read_run(seg.shard, seg.first + offset, 1))
+        item = next(self.source.read_run(seg.shard, seg.first + offset, 1, self._rows(i)))
         self._note_bad(i, offset, item)
         return item
 
@@ -408,7 +430,7 @@ def read_eval_batch(
         shard = int(np.searchsorted(cum, pos, side="right")) - 1
         first = pos - int(cum[shard])
         count = min(end, int(cum[shard + 1])) - pos
-        for i, item in enumerate(source.read_run(shard, first, count)):
+        for i, item in enumerate(source.read_run(shard, first, count, source.rows(shard))):
             try:
                 if isinstance(item, str):
                     raise ValueError(item)

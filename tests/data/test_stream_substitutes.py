@@ -5,16 +5,19 @@ seeded 15% of keys, so many partitions start a resumed reader on a bad sample (t
 searches backwards instead of remembering).
 """
 import collections
+import hashlib
 
 import numpy as np
 import pytest
 
 from sharding import format as fmt
 from sharding.plan import StreamLayout
-from sharding.stream import RankStream, ShardSource, StreamError
+from sharding.stream import RankStream, ShardRows, ShardSource, StreamError
 from sharding.writer import ShardTarWriter
 
 COUNTS = [23, 31, 17, 40, 9, 28]
+JPEG = b"\xff\xd8 not really"  # the decoder below never decodes it
+JPEG_SHA = hashlib.sha256(JPEG).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def shards(tmp_path_factory):
     for shard, count in enumerate(COUNTS):
         path = root / fmt.shard_path("train", shard)
         with ShardTarWriter(path) as w:
-            locs = [w.add(fmt.sample_key("train", shard, slot), [("jpg", b"\xff\xd8 not really"), ("cls", b"0")])
+            locs = [w.add(fmt.sample_key("train", shard, slot), [("jpg", JPEG), ("cls", b"0")])
                     for slot in range(count)]  # fmt: skip
         urls.append(str(path))
         offsets.append([loc.offset for loc in locs])
@@ -38,8 +41,16 @@ def shards(tmp_path_factory):
     return urls, offsets
 
 
-def index_of(offsets):
-    return lambda shard, first: offsets[shard][first] if first < len(offsets[shard]) else None
+class Index:
+    """The rows a dataset index would hold for these shards."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def rows(self, shard):
+        count = len(self.offsets[shard])
+        keys = [fmt.sample_key("train", shard, i) for i in range(count)]
+        return ShardRows(np.asarray(self.offsets[shard]), keys, [JPEG_SHA] * count)
 
 
 def decoder(bad: set[str]):
@@ -58,7 +69,7 @@ def batches(shards, bad, *, start=(0, 0), world=1, workers=1, indexed=True):
     out = {}
     for rank in range(world):
         for worker in range(workers):
-            source = ShardSource(urls, offset_of=index_of(offsets) if indexed else None)
+            source = ShardSource(urls, index=Index(offsets) if indexed else None)
             stream = RankStream(source, COUNTS, layout, seed=5, buffer=6, decode=decoder(bad), rank=rank,
                                 world_size=world, worker=worker, workers=workers, epoch=start[0], step=start[1])  # fmt: skip
             for b in stream:
