@@ -96,13 +96,13 @@ def slurm_cluster(tmp_path_factory) -> LocalCluster:
 # --------------------------------------------------------------------------- trainer runs
 BIN = Path(sys.executable).parent
 PRETRAIN_DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
-TINY_STEPS = 60
+TINY_STEPS = 120
 # The demo recipe with a tiny model: a step is fast, and there are enough of them that a
-# signal sent after step 5 lands mid-run.
+# signal sent a few steps in lands mid-run.
 TINY_PRETRAIN = [
     "model.depth=2", "model.width=32", "model.heads=2", "model.mlp_dim=64",
     f"train.steps={TINY_STEPS}", "train.batch_size=16", "train.log_every=1", "train.optim.warmup_steps=3",
-    "checkpoint.every=20", "checkpoint.keep=2", "data.workers=0", "eval.every=0", "eval.fewshot_shots=[]",
+    "checkpoint.every=40", "checkpoint.keep=2", "data.workers=0", "eval.every=0", "eval.fewshot_shots=[]",
 ]
 
 
