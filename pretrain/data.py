@@ -57,7 +57,7 @@ class DataConfig:
     std: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.5, 0.5])  # mean = std = 0.5 maps to [-1, 1]
     eval_crop_fraction: float = 1.0  # evaluation centre crop: this fraction of the shorter side, resized to img_size
     max_error_rate: float = 0.01  # abort when more than this fraction of training samples had to be substituted
-    verify_samples: bool = True  # check each sample's key and JPEG sha256 against the index (~2% of decode time)
+    verify_samples: bool = True  # check each sample's key and JPEG sha256 against the index (~1% of decode time)
 
 
 # -- from a shard dataset to byte sources ------------------------------------------------------
