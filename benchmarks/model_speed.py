@@ -7,7 +7,9 @@ Both models get the same weights (ours converted with `pretrain.weights.to_timm`
 same input batch and the same threads. One step is forward + loss + backward (no
 optimizer: identical for both). Each round times `--steps` steps of each model, the
 order alternating between rounds so drift (other processes, thermal) hits both alike;
-the figure is the median over rounds of ours/timm images/s. On CUDA it also reports
+the figure is the median over rounds of ours/timm images/s. On CPU the default clock is
+this process's CPU time (--clock cpu), which other processes on a shared machine barely
+disturb; run it with --threads 1, since idle OpenMP threads spin and are billed too. On CUDA it also reports
 model FLOPs utilisation (MFU): forward+backward FLOPs counted by
 torch.utils.flop_counter over the peak dense bf16/fp32 rate of the card.
 The ratio lines print last.
@@ -29,6 +31,11 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp32": 494e12}, "H200": {"bf16": 989e12,
               "A100": {"bf16": 312e12, "fp32": 156e12}}
 
 
+# CPU time of this process is what a model costs when other processes share the cores;
+# wall time is what a dedicated machine (or a GPU) sees.
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
 def train_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, bf16: bool) -> None:
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(model(images), targets)
@@ -36,15 +43,15 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tens
     model.zero_grad(set_to_none=True)
 
 
-def timed(model, images, targets, steps: int, bf16: bool) -> float:
+def timed(model, images, targets, steps: int, bf16: bool, clock) -> float:
     """Images/s over `steps` training steps."""
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         train_step(model, images, targets, bf16)
     sync()
-    return steps * images.shape[0] / (time.perf_counter() - start)
+    return steps * images.shape[0] / (clock() - start)
 
 
 def step_flops(model, images, targets, bf16: bool) -> int:
@@ -73,13 +80,15 @@ def compare(name: str, args) -> float:
     theirs.load_state_dict(to_timm(ours.state_dict()))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     targets = torch.randint(0, 1000, (args.batch,), device=device)
+    clock_name = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    clock = CLOCKS[clock_name]
     for model in (ours, theirs):  # warm-up: allocator, kernels, autotuning
-        timed(model, images, targets, args.warmup, args.bf16)
+        timed(model, images, targets, args.warmup, args.bf16, clock)
 
     ratios, ours_ips, timm_ips = [], [], []
     for r in range(args.rounds):
         pair = [("ours", ours), ("timm", theirs)]
-        rates = dict((label, timed(m, images, targets, args.steps, args.bf16)) for label, m in (pair if r % 2 == 0 else pair[::-1]))
+        rates = dict((label, timed(m, images, targets, args.steps, args.bf16, clock)) for label, m in (pair if r % 2 == 0 else pair[::-1]))
         ours_ips.append(rates["ours"])
         timm_ips.append(rates["timm"])
         ratios.append(rates["ours"] / rates["timm"])
@@ -88,7 +97,7 @@ def compare(name: str, args) -> float:
     ratio = statistics.median(ratios)
     summary = (f"{name}: ours {statistics.median(ours_ips):.2f} img/s, timm {statistics.median(timm_ips):.2f} img/s "
                f"(median of {args.rounds} rounds, batch {args.batch}, {args.img_size}px, {args.device}"
-               f"{', bf16' if args.bf16 else ''}, {torch.get_num_threads()} threads)")
+               f"{', bf16' if args.bf16 else ''}, {torch.get_num_threads()} threads, {clock_name} clock)")
     peak = peak_flops(device, args.bf16)
     if peak:
         flops = step_flops(ours, images, targets, args.bf16) / args.batch
@@ -109,6 +118,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                        help="'cpu' = CPU time of this process (default on CPU: robust to other processes "
+                             "sharing the cores; use with --threads 1), 'wall' (default on CUDA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
