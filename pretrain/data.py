@@ -46,7 +46,7 @@ class DataConfig:
     workers: int = 2  # loader processes per rank (0: decode in the training process); must divide stream_cycle
     prefetch: int = 2  # batches each loader process prepares ahead
     shuffle_buffer: int = 1024  # samples held by each partition's shuffle buffer
-    stream_width: int = 0  # partitions read per step; world sizes must divide it; 0: the largest power of two <= 64 dividing the global batch
+    stream_width: int = 0  # partitions read per step; world sizes must divide it; 0: largest power of 2 <= 64 dividing the batch
     stream_cycle: int = 8  # steps before a partition is read again; loader workers per rank must divide it
     crop_min_area: float = 0.05  # Inception crop: smallest fraction of the image area kept (official ViT: 5%)
     hflip: bool = True  # random horizontal flip in training
@@ -81,7 +81,8 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     base = cfg.shards_url.rstrip("/") if cfg.shards_url else None
     urls = [f"{base}/{fmt.shard_path(split, s.index)}" if base else s.path for s in shards]
     return SplitSource(
-        source=ShardSource(urls, cfg.cache_dir, ShardIndex(cfg.path, split, [s.name for s in shards]), cfg.verify_samples),
+        source=ShardSource(urls, cfg.cache_dir, index=ShardIndex(cfg.path, split, [s.name for s in shards]),
+                           verify=cfg.verify_samples),
         counts=[int(s.num_samples) for s in shards],
         num_classes=int(ds.num_classes),
         multi_label=ds.label_kind == "multi",
@@ -122,7 +123,8 @@ class SampleDecoder:
         if self.train:
             rng = np.random.default_rng(key)
             c = self.cfg
-            image = T.train_image(data, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip, randaug=self.randaug)
+            image = T.train_image(data, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip,
+                                  randaug=self.randaug)
         else:
             image = T.eval_image(data, self.img_size, self.cfg.eval_crop_fraction)
         return image, label
@@ -187,7 +189,8 @@ class TrainLoader:
         )  # fmt: skip
         for batch in loader:
             if (batch["epoch"], batch["step"]) != (self.epoch, self.step):
-                raise RuntimeError(f"loader out of order: got {batch['epoch']}/{batch['step']}, want {self.epoch}/{self.step}")
+                got, want = f"{batch['epoch']}/{batch['step']}", f"{self.epoch}/{self.step}"
+                raise RuntimeError(f"loader out of order: got epoch/step {got}, want {want}")
             self._counters.update(batch["counters"])
             self._samples += len(batch["images"])
             check_error_rate(self._counters, self._samples, self.cfg.max_error_rate)

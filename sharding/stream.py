@@ -301,10 +301,16 @@ class PartitionReader:
         except Exception as e:  # any decoder failure is a bad sample, by contract
             return None, decode_failure(e)
 
-    def _where(self, pos: int) -> str:
+    def _where(self, pos: int, item: ShardSample | str) -> str:
+        """'train-000003.tar sample 6 (key ...)': the key from the index, as the sample may be unreadable."""
         i, offset = self._locate(pos)
         seg = self.segments[i]
-        return f"{self.source.name(seg.shard)} sample {seg.first + offset}"
+        rows = self._rows(i)
+        sample = seg.first + offset
+        key = item.key if isinstance(item, ShardSample) else None
+        if rows is not None and sample < len(rows.keys):
+            key = rows.keys[sample]
+        return f"{self.source.name(seg.shard)} sample {sample}" + (f" (key {key})" if key else "")
 
     def next(self, counters: collections.Counter) -> Any:
         """The next output; a substitute when the sample is unusable (counted in `counters` by reason)."""
@@ -321,8 +327,7 @@ class PartitionReader:
         counters["substituted"] += 1
         if self.logged < MAX_LOGGED:
             self.logged += 1
-            key_note = f" (key {item.key})" if isinstance(item, ShardSample) else ""
-            log.warning("%s%s: %s; substituted", self._where(pos), key_note, reason)
+            log.warning("%s: %s; substituted", self._where(pos, item), reason)
         return self._substitute(j, key)
 
     def _substitute(self, j: int, key: tuple[int, ...]) -> Any:
@@ -338,7 +343,8 @@ class PartitionReader:
                 return value
         raise StreamError(
             f"partition {self.partition} of epoch {self.plan.epoch} has no valid sample "
-            f"(e.g. {self._where(int(self.order[j]))}: {reason}); check the shards, data.path and data.shards_url"
+            f"(e.g. {self._where(int(self.order[j]), reason)}: {reason}); "
+            f"check the shards, data.path and data.shards_url"
         )
 
 
