@@ -30,7 +30,7 @@ from data_prep.plan import Plan, ShardTask, split_sort_key
 from data_prep.policy import ImagePolicy, Rejected, convert_image
 from data_prep.sources import Listing, Source, build_source
 from sharding import format as fmt
-from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from sharding.atomic import atomic_open, atomic_write_text
 from sharding.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SAMPLE_SCHEMA, table_from_rows, write_table
 from sharding.writer import ShardTarWriter
@@ -74,9 +74,24 @@ def _group_by_split(items: pa.Table) -> pa.Table:
     return items.take(pa.array(np.argsort(rank, kind="stable")))
 
 
+def _shared_write(path: Path, write) -> None:
+    """Write a file that every array task writes with the same content (plan, listing).
+
+    Tasks on different hosts may share a pid, hence a temp name: if another task's rename
+    took our temp file away, its identical file is already in place.
+    """
+    try:
+        write(path)
+    except FileNotFoundError:
+        if not path.is_file():
+            raise
+
+
 def _write_arrow(path: Path, table: pa.Table) -> None:
-    with atomic_open(path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
-        writer.write_table(table)
+    def write(p):
+        with atomic_open(p, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+    _shared_write(path, write)
 
 
 def read_listing_cache(out: Path) -> pa.Table:
@@ -100,9 +115,9 @@ def load_listing(source: Source, out: Path, cache_it: bool = True) -> Listing:
     if not cache_it:
         return listing
     _write_arrow(work_path(out, LISTING_CACHE), listing.items)
-    atomic_write_text(meta_path, canonical_json({
-        "fingerprint": fingerprint, "classes": [list(c) for c in listing.classes],
-        "label_kind": listing.label_kind}))
+    meta = canonical_json({"fingerprint": fingerprint, "classes": [list(c) for c in listing.classes],
+                           "label_kind": listing.label_kind})
+    _shared_write(meta_path, lambda p: atomic_write_text(p, meta))
     return listing
 
 
@@ -158,6 +173,7 @@ class _Worker:
 
     def convert_shard(self, task: ShardTask) -> dict:
         cpu_start = time.process_time()
+        remove_shard_temps(self.out, task)
         rows = self.listing.take(pa.array(self.plan.listing_indices(task))).to_pylist()
         samples, rejected, passed = [], [], 0
         with ShardTarWriter(self.out / fmt.shard_path(task.split, task.shard)) as tar:
@@ -233,8 +249,16 @@ def _check_output(out: Path, doc: dict) -> Optional[str]:
         if json.loads(info.read_text()).get("plan_id") != doc["plan_id"]:
             raise UserError(f"{out}: holds a finished dataset made with different settings")
         return "complete"
-    atomic_write_text(plan_path, canonical_json(doc))
+    _shared_write(plan_path, lambda p: atomic_write_text(p, canonical_json(doc)))
     return None
+
+
+def remove_shard_temps(out: Path, task: ShardTask) -> None:
+    """Temp files a killed attempt at this shard left. Only this shard's: other tasks
+    writing into the same folders right now own theirs."""
+    for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
+        for p in (out / folder).glob(f".{task.name}.*.tmp-*"):
+            p.unlink(missing_ok=True)
 
 
 def is_done(out: Path, task: ShardTask) -> bool:
@@ -256,9 +280,8 @@ def run_convert(cfg: PrepConfig) -> dict:
         shutil.rmtree(out / fmt.WORK_DIR, ignore_errors=True)
         print(f"{out}: already converted and merged; nothing to do", file=sys.stderr)
         return {"converted": 0, "complete": True}
-    for folder in (".", fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.EXCLUSIONS_DIR, fmt.WORK_DIR):
+    for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out / folder)  # left by a killed run; their shards are redone
 
     plan = Plan.from_dict(doc["plan"])
     mine = plan.shards_for_task(task_index, num_tasks)

@@ -22,7 +22,7 @@ from data_prep.convert import canonical_json, done_path, is_done, rejected_part_
 from data_prep.plan import Plan, ShardTask
 from data_prep.policy import ImagePolicy
 from sharding import format as fmt
-from sharding.atomic import atomic_write_text
+from sharding.atomic import atomic_write_text, remove_stale_temps
 from sharding.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SHARD_SCHEMA, concat, read_table, table_from_rows, write_table
 
@@ -46,6 +46,8 @@ def run_merge(out: str | Path) -> dict:
                         f"(first: {missing[0]}); run or rerun the convert tasks, then merge")
     records = [json.loads(done_path(out, t).read_text()) for t in shards]
     _check_counts(doc, shards, records)
+    for folder in (".", fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.EXCLUSIONS_DIR):
+        remove_stale_temps(out / folder)  # every shard is done: what is left is from killed runs
 
     write_table(out / fmt.SHARD_TABLE, table_from_rows(
         [{k: r[k] for k in SHARD_SCHEMA.names} for r in records], SHARD_SCHEMA))

@@ -46,6 +46,19 @@ def test_array_tasks_then_merge_equal_one_node(clean, tmp_path, num_tasks, worke
     assert tree_bytes(out) == clean
 
 
+@pytest.mark.slow
+def test_array_tasks_running_at_the_same_time_share_the_folder_safely(clean, tmp_path):
+    out = tmp_path / "concurrent"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
+    procs = [subprocess.Popen([sys.executable, "-m", "data_prep.cli", "convert", *ARGS, "--output", str(out)],
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert prep_main(["merge", str(out)]) == 0
+    assert tree_bytes(out) == clean
+
+
 def test_merge_before_all_tasks_finish_is_refused(tmp_path, capsys):
     out = tmp_path / "partial"
     assert prep_main(["convert", *ARGS, "--output", str(out), "--num-tasks", "4", "--task-index", "1"]) == 0
