@@ -6,10 +6,14 @@ Every stage config (prep, pretrain, finetune) carries this section so that
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 CONTAINER_RUNTIMES = ("none", "pyxis", "apptainer")
+# sbatch's time formats that contain a separator ([D-]HH:MM[:SS], MM:SS, D-HH); a bare
+# number (minutes to sbatch) is refused because it is what YAML makes of an unquoted HH:MM:SS.
+_TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){1,2}|UNLIMITED|INFINITE)$")
 
 
 @dataclass
@@ -19,7 +23,7 @@ class SlurmConfig:
     cpus_per_task: int = 8  # CPU cores per rank (data-loader workers + the rank itself)
     mem: str = ""  # memory per node as sbatch spells it ("0" = all, "480G"); empty: cluster default
     partition: str = ""  # partition to submit to; empty: the cluster's default partition
-    time: str = "24:00:00"  # wall-time limit per job run (each requeue gets it again)
+    time: str = "24:00:00"  # wall-time limit per job run, quoted "[D-]HH:MM:SS" (each requeue gets it again)
     account: str = ""  # account to charge; empty: the user's default
     qos: str = ""  # quality of service; empty: the partition's default
     array_tasks: int = 1  # prep only: number of convert tasks (a job array), each one slice of the plan
@@ -63,6 +67,10 @@ class SlurmConfig:
         if self.container_runtime != "none" and not self.container_image:
             raise ConfigError(f"{where}.container_image: required with container_runtime="
                               f"{self.container_runtime}")
+        if not _TIME.match(self.time):
+            raise ConfigError(
+                f"{where}.time: {self.time!r} is not a limit like \"24:00:00\" or \"2-00:00:00\" "
+                "(quote it in YAML and overrides: unquoted, 24:00:00 reads as the number 86400)")
         if self.signal_seconds < 0 or self.max_requeues < 0:
             raise ConfigError(f"{where}.signal_seconds and max_requeues must be >= 0")
         for line in self.extra_sbatch:

@@ -3,8 +3,8 @@
     # configs/pipeline/demo.yaml
     vars: {work: runs/pipeline-demo}
     stages:
-      - {stage: prep, config: ../prep/demo.yaml, overrides: ["output=${vars.work}/data"]}
-      - {stage: pretrain, config: ../pretrain/demo.yaml, overrides: ["data.path=${vars.work}/data"]}
+      - {stage: prep, configs: [../prep/digits.yaml], overrides: ["output=${vars.work}/data"]}
+      - {stage: pretrain, configs: [../pretrain/demo.yaml], overrides: ["data.path=${vars.work}/data"]}
 
 Stage config paths are relative to the pipeline file; `${vars.X}` ties the stages' paths
 together (the data one stage writes is the data the next reads).
@@ -25,7 +25,7 @@ STAGES = ("prep", "pretrain", "finetune")
 @dataclass
 class PipelineStage:
     stage: str = MISSING  # prep | pretrain | finetune
-    config: str = ""  # the stage's config file, relative to the pipeline file ("": overrides only)
+    configs: List[str] = field(default_factory=list)  # the stage's config files, merged in order; relative to this file
     overrides: List[str] = field(default_factory=list)  # key=value overrides for that stage
 
 
@@ -35,8 +35,8 @@ class PipelineConfig:
     stages: List[PipelineStage] = field(default_factory=list)  # run in order, each after the previous
 
 
-def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple[str, Path | None, list[str]]]:
-    """(stage, config path or None, overrides) for each stage, validated."""
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple[str, list[Path], list[str]]]:
+    """(stage, config paths, overrides) for each stage, validated."""
     cfg = load_config(PipelineConfig, [path], overrides)
     if not cfg.stages:
         raise ConfigError(f"{path}: `stages` is empty")
@@ -44,8 +44,9 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> list[tuple
     for i, st in enumerate(cfg.stages):
         if st.stage not in STAGES:
             raise ConfigError(f"{path}: stages[{i}].stage: must be one of {', '.join(STAGES)}, got {st.stage!r}")
-        config = Path(path).parent / st.config if st.config else None
-        if config is not None and not config.is_file():
-            raise ConfigError(f"{path}: stages[{i}].config: {config} not found")
-        out.append((st.stage, config, list(st.overrides)))
+        configs = [Path(path).parent / c for c in st.configs]
+        for c in configs:
+            if not c.is_file():
+                raise ConfigError(f"{path}: stages[{i}].configs: {c} not found")
+        out.append((st.stage, configs, list(st.overrides)))
     return out

@@ -1,6 +1,6 @@
 """vit-submit: turn a stage config into a SLURM job (or a chain of them) and submit it.
 
-    vit-submit {prep,pretrain,finetune} CONFIG [key=value ...] [--nodes N --gpus-per-node G
+    vit-submit {prep,pretrain,finetune} CONFIG [CONFIG ...] [key=value ...] [--nodes N --gpus-per-node G
                --partition P --time T --account A] [--dry-run]
     vit-submit pipeline PIPELINE_CONFIG [...same flags]
     vit-submit status RUN_DIR
@@ -94,14 +94,16 @@ def flag_overrides(args: argparse.Namespace, training: bool) -> list[str]:
     pairs = [("partition", args.partition), ("time", args.time), ("account", args.account)]
     if training:
         pairs += [("nodes", args.nodes), ("gpus_per_node", args.gpus_per_node)]
-    return [f"slurm.{k}={v}" for k, v in pairs if v is not None]
+    # JSON-quoted: unquoted, YAML would read 48:00:00 as the base-60 number 172800.
+    return [f"slurm.{k}={json.dumps(v)}" for k, v in pairs if v is not None]
 
 
 # --------------------------------------------------------------------------- stages
-def build_stage(stage: str, config: str | Path | None, overrides: Sequence[str] = ()) -> tuple[StageJobs, str]:
-    """Render one stage: (its jobs, the frozen config text they run); config None: overrides only."""
-    cfg = _resolved([config] if config else [], overrides)
-    config = config or f"{stage} overrides"
+def build_stage(stage: str, configs: Sequence[str | Path], overrides: Sequence[str] = ()) -> tuple[StageJobs, str]:
+    """Render one stage from its config files (merged in order; none: overrides only) and
+    overrides: (its jobs, the frozen config text they run)."""
+    cfg = _resolved(configs, overrides)
+    config = " ".join(map(str, configs)) or f"{stage} overrides"
     s = slurm_section(cfg, str(config))
     out = _output_dir(cfg, stage, str(config))
     log_dir = Path(s.log_dir).absolute() if s.log_dir else default_log_dir(stage, out)
@@ -166,8 +168,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     for name in (*STAGE_MODULES, "pipeline"):
         sp = sub.add_parser(name, help=f"submit the {name} {'chain' if name == 'pipeline' else 'stage'}")
-        sp.add_argument("config", help="YAML config" + (" naming the stage configs" if name == "pipeline" else ""))
-        sp.add_argument("overrides", nargs="*", help="key=value config overrides")
+        if name == "pipeline":
+            sp.add_argument("items", nargs="+", metavar="CONFIG|key=value",
+                            help="the pipeline config naming the stage configs, then overrides (vars.NAME=...)")
+        else:
+            sp.add_argument("items", nargs="+", metavar="CONFIG|key=value",
+                            help="YAML configs (merged in order), then key=value overrides")
         sp.add_argument("--nodes", type=int, help="slurm.nodes (training stages)")
         sp.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node (training stages)")
         sp.add_argument("--partition", help="slurm.partition")
@@ -186,13 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         print("\n".join(status_lines(Path(args.run_dir))))
         return 0
+    configs = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
     if args.command == "pipeline":
-        stages = [(stage, config, [*overrides, *flag_overrides(args, stage != "prep")])
-                  for stage, config, overrides in load_pipeline(args.config, args.overrides)]
+        if len(configs) != 1:
+            raise UserError(f"pipeline takes one pipeline config, got {len(configs)}: {' '.join(configs)}")
+        stages = load_pipeline(configs[0], overrides)
     else:
-        stages = [(args.command, args.config, [*args.overrides, *flag_overrides(args, args.command != "prep")])]
+        stages = [(args.command, configs, overrides)]
     # Render every stage before submitting any, so a bad config in the chain submits nothing.
-    built = [build_stage(stage, config, overrides) for stage, config, overrides in stages]
+    built = [build_stage(stage, files, [*more, *flag_overrides(args, stage != "prep")])
+             for stage, files, more in stages]
     dependency = args.dependency
     for jobs, frozen in built:
         dependency = submit_stage(jobs, frozen, dependency, args.dry_run)

@@ -20,7 +20,7 @@ TINY_MODEL = ["model.depth=2", "model.width=32", "model.heads=2", "model.mlp_dim
 TINY_FINETUNE = [*TINY_MODEL, f"train.steps={FT_STEPS}", "train.batch_size=16", "train.log_every=1",
                  "train.optim.warmup_steps=3", "checkpoint.every=10", "checkpoint.keep=1", "data.workers=0",
                  "eval.every=0", "eval.fewshot_shots=[]"]
-SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=1", "slurm.time=10:00"]
+SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=1", 'slurm.time="10:00"']
 
 
 def dataset_files(root: Path) -> dict[str, bytes]:
@@ -41,11 +41,11 @@ def test_pipeline_runs_every_stage_like_by_hand(slurm_cluster, runs, digits_shar
                                                 finetune_by_hand, tmp_path):
     work = tmp_path / "work"
     pipeline = {"vars": {"work": str(work)}, "stages": [
-        {"stage": "prep", "config": str(REPO / "configs" / "prep" / "digits.yaml"),
+        {"stage": "prep", "configs": [str(REPO / "configs" / "prep" / "digits.yaml")],
          "overrides": ["output=${vars.work}/shards", "slurm.array_parallel=1"]},
-        {"stage": "pretrain", "config": str(runs.pretrain_demo),
+        {"stage": "pretrain", "configs": [str(runs.pretrain_demo)],
          "overrides": ["data.path=${vars.work}/shards", "run.dir=${vars.work}/pretrain", *runs.tiny_pretrain, *SLURM]},
-        {"stage": "finetune", "config": str(FINETUNE_DEMO),
+        {"stage": "finetune", "configs": [str(FINETUNE_DEMO)],
          "overrides": ["data.path=${vars.work}/shards", "run.dir=${vars.work}/finetune",
                        "init.weights=${vars.work}/pretrain", *TINY_FINETUNE, *SLURM]},
     ]}

@@ -18,7 +18,7 @@ from pretrain.run_log import read_metrics
 pytestmark = pytest.mark.slow
 
 # Whole nodes (2 CPUs each), so a job of the high partition has to preempt it.
-SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=2", "slurm.time=10:00", "slurm.max_requeues=3"]
+SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=2", 'slurm.time="10:00"', "slurm.max_requeues=3"]
 
 
 def submit(runs, run: Path, shards: Path) -> str:

@@ -1,14 +1,18 @@
 """vit-submit rendering: the sbatch layout for large runs, arrays, chains, containers, errors."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm.render import parse_sbatch_options
 from slurm.submit import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(path, text):
@@ -30,22 +34,43 @@ slurm: {{partition: gpu, time: "48:00:00", env: {{NCCL_DEBUG: WARN}}}}
 """)
 
 
-def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(h14, capsys, tmp_path):
-    assert main(["pretrain", h14, "--nodes", "16", "--gpus-per-node", "8", "--dry-run"]) == 0
+def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(capsys, tmp_path):
+    run = tmp_path / "runs" / "h14"
+    assert main(["pretrain", str(REPO / "configs/pretrain/vit_h14_in21k.yaml"), "data.path=/shards/in21k",
+                 f"run.dir={run}", "slurm.partition=gpu", "slurm.env={NCCL_DEBUG: WARN}",
+                 "--nodes", "16", "--gpus-per-node", "8", "--time", "48:00:00", "--dry-run"]) == 0
     [script] = scripts(capsys.readouterr().out)
     opts = parse_sbatch_options(script)
     assert opts["nodes"] == "16" and opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8"
-    assert int(opts["nodes"]) * int(opts["ntasks-per-node"]) == 128
+    assert int(opts["nodes"]) * int(opts["ntasks-per-node"]) == 128  # one rank per GPU
     assert opts["partition"] == "gpu" and opts["time"] == "48:00:00"
-    assert opts["signal"] == "B:USR1@300" and "requeue" in opts
-    assert opts["output"] == f"{tmp_path}/runs/h14/slurm/%x-%j.out"
+    assert opts["signal"].startswith("B:USR1@") and "requeue" in opts
+    assert opts["output"] == f"{run}/slurm/%x-%j.out"
     # srun inherits the 128-task layout (no -n/-N of its own) and runs the frozen config.
     [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
     assert not re.search(r"\s(-n|-N|--ntasks|--nodes)\b", srun)
-    assert f"pretrain.train {tmp_path}/runs/h14/slurm/pretrain-config.yaml" in script
+    assert f"pretrain.train {run}/slurm/pretrain-config.yaml" in script
     assert "export NCCL_DEBUG=WARN" in script
-    assert not list(tmp_path.glob("runs/h14/slurm/*"))  # a dry run writes nothing
+    assert not run.exists()  # a dry run writes nothing
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_submit_freezes_the_merged_configs(tmp_path, monkeypatch, capsys):
+    """Submitting writes the configs + overrides merged into one file, which the job runs."""
+    run = tmp_path / "h14-518"
+    monkeypatch.setenv("PATH", f"{tmp_path}/bin:" + __import__("os").environ["PATH"])
+    (tmp_path / "bin").mkdir()
+    write(tmp_path / "bin" / "sbatch", "#!/bin/sh\necho 4242\n")  # stands in for the client only
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    assert main(["finetune", str(REPO / "configs/finetune/imagenet1k_384.yaml"),
+                 str(REPO / "configs/finetune/vit_h14_518.yaml"), "data.path=/shards/in1k",
+                 "init.weights=/runs/h14", f"run.dir={run}", "--nodes", "8"]) == 0
+    assert "submitted vit-finetune-h14-518: job 4242" in capsys.readouterr().out
+    frozen = yaml.safe_load((run / "slurm" / "finetune-config.yaml").read_text())
+    assert frozen["model"]["img_size"] == 518 and frozen["init"]["weights"] == "/runs/h14"
+    assert frozen["slurm"]["nodes"] == 8 and "_base_" not in frozen
+    [record] = [json.loads(line) for line in (run / "slurm" / "jobs.jsonl").read_text().splitlines()]
+    assert record["job_id"] == "4242" and Path(record["script"]).is_file()
 
 
 def test_cpu_job_runs_one_rank_per_node(h14, capsys):
@@ -74,8 +99,8 @@ def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
 vars: {work: /scratch/demo}
 stages:
   - {stage: prep, overrides: ["source.kind=digits", "output=${vars.work}/data"]}  # no file: overrides only
-  - {stage: pretrain, config: pre.yaml, overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
-  - {stage: finetune, config: ft.yaml, overrides: ["run.dir=${vars.work}/finetune"]}
+  - {stage: pretrain, configs: [pre.yaml], overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
+  - {stage: finetune, configs: [ft.yaml], overrides: ["run.dir=${vars.work}/finetune"]}
 """)
     main(["pipeline", pipe, "vars.work=/scratch/x", "--nodes", "4", "--dry-run"])
     out = capsys.readouterr().out
@@ -103,6 +128,7 @@ def test_containers(h14, capsys):
     (["slurm.nodes=two"], "slurm.nodes"),
     (["run.dir="], "`run.dir` must be set"),
     (["slurm.extra_sbatch=[exclusive]"], "slurm.extra_sbatch"),
+    (["slurm.time=48:00:00"], "slurm.time: '172800' is not a limit like"),
 ])
 def test_bad_config_is_one_line_naming_the_key(h14, capsys, override, message):
     assert main(["pretrain", h14, *override, "--dry-run"]) == 2
@@ -111,8 +137,7 @@ def test_bad_config_is_one_line_naming_the_key(h14, capsys, override, message):
 
 
 def test_demo_pipeline_config_renders(capsys):
-    repo = Path(__file__).resolve().parents[2]
-    assert main(["pipeline", str(repo / "configs/pipeline/demo.yaml"), "vars.work=/scratch/demo", "--dry-run"]) == 0
+    assert main(["pipeline", str(REPO / "configs/pipeline/demo.yaml"), "vars.work=/scratch/demo", "--dry-run"]) == 0
     convert, merge, pre, ft = scripts(capsys.readouterr().out)
     assert parse_sbatch_options(convert)["array"] == "0-1"
     assert "merge /scratch/demo/shards)" in merge
