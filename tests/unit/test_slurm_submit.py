@@ -1,7 +1,6 @@
 """vit-submit rendering: the sbatch layout for large runs, arrays, chains, containers, errors."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from slurm.render import parse_sbatch_options
-from slurm.submit import main
+from slurm.submit import build_stage, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,22 +54,17 @@ def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(capsys, tmp_path):
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
-def test_submit_freezes_the_merged_configs(tmp_path, monkeypatch, capsys):
-    """Submitting writes the configs + overrides merged into one file, which the job runs."""
+def test_stage_configs_are_merged_and_frozen_into_one_file(tmp_path):
+    """The job runs one file: the stage's configs and overrides merged (a requeue reruns it)."""
     run = tmp_path / "h14-518"
-    monkeypatch.setenv("PATH", f"{tmp_path}/bin:" + __import__("os").environ["PATH"])
-    (tmp_path / "bin").mkdir()
-    write(tmp_path / "bin" / "sbatch", "#!/bin/sh\necho 4242\n")  # stands in for the client only
-    (tmp_path / "bin" / "sbatch").chmod(0o755)
-    assert main(["finetune", str(REPO / "configs/finetune/imagenet1k_384.yaml"),
-                 str(REPO / "configs/finetune/vit_h14_518.yaml"), "data.path=/shards/in1k",
-                 "init.weights=/runs/h14", f"run.dir={run}", "--nodes", "8"]) == 0
-    assert "submitted vit-finetune-h14-518: job 4242" in capsys.readouterr().out
-    frozen = yaml.safe_load((run / "slurm" / "finetune-config.yaml").read_text())
-    assert frozen["model"]["img_size"] == 518 and frozen["init"]["weights"] == "/runs/h14"
-    assert frozen["slurm"]["nodes"] == 8 and "_base_" not in frozen
-    [record] = [json.loads(line) for line in (run / "slurm" / "jobs.jsonl").read_text().splitlines()]
-    assert record["job_id"] == "4242" and Path(record["script"]).is_file()
+    stage, frozen = build_stage("finetune", [REPO / "configs/finetune/imagenet1k_384.yaml",
+                                             REPO / "configs/finetune/vit_h14_518.yaml"],
+                                ["data.path=/shards/in1k", "init.weights=/runs/h14", f"run.dir={run}", "slurm.nodes=8"])
+    [job] = stage.jobs
+    assert job.name == "vit-finetune-h14-518" and job.command[-1] == str(run / "slurm" / "finetune-config.yaml")
+    cfg = yaml.safe_load(frozen)
+    assert cfg["model"]["img_size"] == 518 and cfg["init"]["weights"] == "/runs/h14"
+    assert cfg["train"]["batch_size"] == 512 and cfg["slurm"]["nodes"] == 8 and "_base_" not in cfg
 
 
 def test_cpu_job_runs_one_rank_per_node(h14, capsys):
