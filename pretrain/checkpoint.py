@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import barrier
-from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from sharding.atomic import atomic_open, atomic_write_text, fsync_dir, remove_stale_temps
 from sharding.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -84,6 +84,17 @@ def _listing(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST and not p.relative_to(folder).parts[0] == UNIVERSAL_DIR
     }
+
+
+def _fsync_files(folder: Path, owner: int, world_size: int) -> None:
+    """fsync a share of the folder's files (split by rank, so large saves flush in parallel)."""
+    for i, p in enumerate(sorted(q for q in folder.iterdir() if q.is_file())):
+        if i % world_size == owner:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -167,8 +178,11 @@ class Checkpointer:
         if self.rank == 0:
             with atomic_open(folder / STATE_FILE) as f:
                 torch.save({**state, "world_size": self.world_size}, f)
-        barrier()  # every rank's files are on disk before the manifest vouches for them
+        # DeepSpeed writes without fsync: flush this rank's files before the manifest vouches for them.
+        _fsync_files(folder, owner=self.rank, world_size=self.world_size)
+        barrier()
         if self.rank == 0:
+            fsync_dir(folder)
             write_manifest(folder, step)
             atomic_write_text(self.root / "latest", tag + "\n")
             self._prune()

@@ -30,7 +30,7 @@ STEPS = 12
 
 # A small model and short run; everything else is the demo recipe.
 SMALL = [
-    "model.depth=2", "model.num_classes=400", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.dropout=0.1",
+    "model.depth=2", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.dropout=0.1",
     f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=1", "train.optim.warmup_steps=3",
     "checkpoint.every=2", "checkpoint.keep=20", "data.workers=0",
     "eval.max_batches=1", "eval.fewshot_shots=[]", "eval.batch_size=64",
@@ -40,9 +40,9 @@ SMALL = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "shards"
-    sys.path.insert(0, str(REPO / "tests/data"))
-    from stream_dataset import write_dataset
-    return write_dataset(out, {"train": [100, 100, 100], "val": [50, 50]})
+    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
+                   capture_output=True, text=True)
+    return out
 
 
 def _free_port() -> int:
