@@ -25,14 +25,22 @@ from sharding.errors import UserError
 METHODS = ("bicubic", "bicubic_no_antialias", "linear")
 
 
+def infer_grid_or_none(num_patches: int) -> Optional[tuple[int, int]]:
+    """The square grid with `num_patches` cells, or None."""
+    if num_patches <= 0:
+        return None
+    side = math.isqrt(num_patches)
+    return (side, side) if side * side == num_patches else None
+
+
 def infer_grid(num_patches: int) -> tuple[int, int]:
     """The square grid with `num_patches` cells; UserError when there is none."""
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
+    grid = infer_grid_or_none(num_patches)
+    if grid is None:
         raise UserError(
             f"position embedding has {num_patches} patch rows, not a square grid; pass old_grid=(H, W)"
         )
-    return side, side
+    return grid
 
 
 def resample_posemb(

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from pretrain.posemb import resample_posemb
+from pretrain.posemb import infer_grid_or_none, resample_posemb
 from sharding.atomic import atomic_open
 from sharding.errors import UserError
 
@@ -264,31 +264,29 @@ def load_npz(path: str | Path) -> StateDict:
     return state_dict
 
 
-def _layout_of_state_dict(state_dict: StateDict, heads: int, big_vision: bool) -> Layout:
-    keys = state_dict.keys()
+def _layout_of_state_dict(keys, heads: int, big_vision: bool) -> Layout:
     stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
     resnet = tuple(
-        tuple(f"patch_embed.backbone.stages.{s}.blocks.{u}.downsample.conv.weight" in state_dict
+        tuple(f"patch_embed.backbone.stages.{s}.blocks.{u}.downsample.conv.weight" in keys
               for u in range(_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.")))
         for s in range(stages)
     )
-    return Layout(big_vision, _count(keys, r"blocks\.(\d+)\."), heads, "cls_token" in state_dict,
-                  "pre_logits.weight" in state_dict, "head.weight" in state_dict, resnet)
+    return Layout(big_vision, _count(keys, r"blocks\.(\d+)\."), heads, "cls_token" in keys,
+                  "pre_logits.weight" in keys, "head.weight" in keys, resnet)
 
 
-def save_npz(state_dict: StateDict, path: str | Path, heads: int, layout: str = "vit", scan: bool = False) -> None:
-    """Write our weights as a flax `.npz` (layout 'vit' = official vision_transformer, or
-    'big_vision'; `scan` stacks the blocks as big_vision's scanned encoder does)."""
+def save_npz(model: torch.nn.Module, path: str | Path, layout: Optional[str] = None, scan: bool = False) -> None:
+    """Write the model's weights as a flax `.npz`: layout 'vit' (official vision_transformer)
+    or 'big_vision' (`scan` stacks the blocks as its scanned encoder does). The default
+    follows the model's pos-emb layout (`posemb_class_token`)."""
+    cfg = model.cfg
+    layout = layout or ("vit" if cfg.posemb_class_token else "big_vision")
     if layout not in ("vit", "big_vision"):
         raise UserError(f"npz layout {layout!r} unknown; expected 'vit' or 'big_vision'")
-    sd = {k: v.detach().float().cpu().numpy() for k, v in _strip_wrappers(state_dict).items()}
-    lay = _layout_of_state_dict(state_dict, heads, big_vision=layout == "big_vision")
-    n_pos = sd["pos_embed"].shape[1]
-    has_cls_row = lay.class_token and infer_grid_or_none(n_pos) is None
-    if lay.big_vision and has_cls_row:
-        raise UserError("big_vision layout needs a pos_embed without a class-token row (model.posemb_class_token=false)")
-    if not lay.big_vision and lay.class_token and not has_cls_row:
-        raise UserError("vit layout needs a pos_embed with a class-token row (model.posemb_class_token=true)")
+    if model.num_prefix_tokens and cfg.posemb_class_token != (layout == "vit"):
+        raise UserError(f"npz layout {layout!r} needs model.posemb_class_token={str(layout == 'vit').lower()}")
+    sd = {k: v.detach().float().cpu().numpy() for k, v in _strip_wrappers(model.state_dict()).items()}
+    lay = _layout_of_state_dict(sd.keys(), cfg.heads, big_vision=layout == "big_vision")
     arrays = {}
     for param in npz_params(lay):
         arrays.update(zip(param.flax, param.to_flax(sd[param.ours])))
@@ -300,11 +298,6 @@ def save_npz(state_dict: StateDict, path: str | Path, heads: int, layout: str = 
     prefix = "params/" if lay.big_vision else ""
     with atomic_open(path, "wb") as f:
         np.savez(f, **{prefix + k: v for k, v in arrays.items()})
-
-
-def infer_grid_or_none(num_rows: int) -> Optional[tuple[int, int]]:
-    side = int(round(num_rows**0.5))
-    return (side, side) if side * side == num_rows else None
 
 
 def infer_model_fields(state_dict: StateDict) -> dict:

@@ -110,7 +110,7 @@ def tiny(name="vit_ti16", **overrides):
 def test_npz_layouts_round_trip(tmp_path, name, overrides, layout, scan):
     ours = tiny(name, **overrides)
     path = tmp_path / "w.npz"
-    save_npz(ours.state_dict(), path, heads=ours.cfg.heads, layout=layout, scan=scan)
+    save_npz(ours, path, layout=layout, scan=scan)
     with np.load(path) as npz:  # the keys are the official ones, not ours
         keys = set(npz.files)
     prefix = "params/" if layout == "big_vision" else ""
@@ -139,7 +139,7 @@ def _same_cfg(model):
 def test_big_vision_posemb_loads_exactly_into_class_token_row_model(tmp_path):
     bv = tiny(posemb_class_token=False)
     path = tmp_path / "bv.npz"
-    save_npz(bv.state_dict(), path, heads=bv.cfg.heads, layout="big_vision")
+    save_npz(bv, path)
     std = create_model("vit_ti16", img_size=32, depth=2, num_classes=5).eval()
     load_weights(std, load_npz(path))
     assert torch.all(std.pos_embed[0, 0] == 0)
@@ -191,6 +191,13 @@ def test_timm_features_we_do_not_have_are_reported():
         to_timm(tiny(representation_size=48).state_dict())
 
 
+def test_npz_layout_must_match_the_model(tmp_path):
+    with pytest.raises(UserError, match="posemb_class_token=false"):
+        save_npz(tiny(), tmp_path / "x.npz", layout="big_vision")
+    with pytest.raises(UserError, match="unknown"):
+        save_npz(tiny(), tmp_path / "x.npz", layout="flax")
+
+
 def test_bad_npz_files(tmp_path):
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
@@ -202,7 +209,7 @@ def test_bad_npz_files(tmp_path):
         load_npz(other)
     model = tiny()
     extra = tmp_path / "map.npz"
-    save_npz(model.state_dict(), extra, heads=model.cfg.heads)
+    save_npz(model, extra)
     with np.load(extra) as npz:
         arrays = dict(npz)
     arrays["MAPHead_0/probe"] = np.zeros((1, 1, 192), np.float32)
