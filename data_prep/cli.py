@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(flag, type=typ, default=None, help=f"config key {key}{extra}")
     for flag, (key, _) in SWITCHES.items():
         c.add_argument(flag, action="store_true", help=f"sets {key} to false")
+    c.add_argument("--plan-only", action="store_true",
+                   help="list the source and write the plan only (run once before a large array)")
     c.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
     m = sub.add_parser("merge", help="write the index and dataset.json once every task is done")
     m.add_argument("dir")
@@ -85,7 +87,7 @@ def convert_config(args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> int:
     from data_prep.convert import run_convert
 
-    run_convert(convert_config(args))
+    run_convert(convert_config(args), plan_only=args.plan_only)
     return 0
 
 

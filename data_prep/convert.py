@@ -265,7 +265,12 @@ def is_done(out: Path, task: ShardTask) -> bool:
     return done_path(out, task).is_file() and (out / fmt.shard_path(task.split, task.shard)).is_file()
 
 
-def run_convert(cfg: PrepConfig) -> dict:
+def run_convert(cfg: PrepConfig, plan_only: bool = False) -> dict:
+    """Convert this task's shards (merging when it is the only task).
+
+    `plan_only`: list the source and write the plan, convert nothing: run once before a
+    large array so its tasks map the cached listing instead of each listing the source.
+    """
     validate(cfg)
     out = Path(cfg.output)
     task_index, num_tasks = resolve_tasks(cfg)
@@ -282,6 +287,10 @@ def run_convert(cfg: PrepConfig) -> dict:
         return {"converted": 0, "complete": True}
     for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
+    if plan_only:
+        print(f"{out}: planned {doc['num_inputs']} inputs into {len(Plan.from_dict(doc['plan']).shards())} shards "
+              f"(plan {doc['plan_id']}); now run the convert tasks", file=sys.stderr)
+        return {"planned": True, "plan_id": doc["plan_id"]}
 
     plan = Plan.from_dict(doc["plan"])
     mine = plan.shards_for_task(task_index, num_tasks)

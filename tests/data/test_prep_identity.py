@@ -59,6 +59,13 @@ def test_array_tasks_running_at_the_same_time_share_the_folder_safely(clean, tmp
     assert tree_bytes(out) == clean
 
 
+def test_plan_only_writes_the_shared_listing_and_plan(tmp_path):
+    out = tmp_path / "planned"
+    assert prep_main(["convert", *ARGS, "--output", str(out), "--plan-only"]) == 0
+    assert sorted(p.name for p in (out / "_work").iterdir()) == ["listing.arrow", "listing.json", "plan.json"]
+    assert list((out / "shards").iterdir()) == []
+
+
 def test_merge_before_all_tasks_finish_is_refused(tmp_path, capsys):
     out = tmp_path / "partial"
     assert prep_main(["convert", *ARGS, "--output", str(out), "--num-tasks", "4", "--task-index", "1"]) == 0
