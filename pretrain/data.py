@@ -46,7 +46,7 @@ class DataConfig:
     workers: int = 2  # loader processes per rank (0: decode in the training process); must divide stream_cycle
     prefetch: int = 2  # batches each loader process prepares ahead
     shuffle_buffer: int = 1024  # samples held by each partition's shuffle buffer
-    stream_width: int = 0  # partitions read per step; world sizes must divide it; 0: largest power of 2 <= 64 dividing the batch
+    stream_width: int = 0  # partitions read per step; world sizes must divide it; 0: see sharding.plan.default_width
     stream_cycle: int = 8  # steps before a partition is read again; loader workers per rank must divide it
     crop_min_area: float = 0.05  # Inception crop: smallest fraction of the image area kept (official ViT: 5%)
     hflip: bool = True  # random horizontal flip in training
@@ -228,8 +228,9 @@ def build_train_loader(cfg: DataConfig, *, img_size: int, global_batch: int, ran
                        seed: int) -> TrainLoader:  # fmt: skip
     if global_batch % world_size:
         raise UserError(f"train.batch_size={global_batch} is not a multiple of the world size {world_size}")
-    layout = StreamLayout(global_batch, cfg.stream_width or default_width(global_batch), cfg.stream_cycle)
     split = open_split(cfg, cfg.train_split)
+    width = cfg.stream_width or default_width(global_batch, len(split.counts), cfg.stream_cycle)
+    layout = StreamLayout(global_batch, width, cfg.stream_cycle)
     return TrainLoader(cfg, split, layout, img_size=img_size, rank=rank, world_size=world_size, seed=seed)
 
 

@@ -75,10 +75,16 @@ class StreamLayout:
             raise PlanError(f"data.workers={workers} does not divide data.stream_cycle={self.cycle}")
 
 
-def default_width(global_batch: int, cap: int = 64) -> int:
-    """The largest power of two <= cap dividing the global batch: serves any power-of-two world size up to it."""
+def default_width(global_batch: int, num_shards: int, cycle: int, cap: int = 64) -> int:
+    """The default `stream_width`: a power of two dividing the global batch, at most `cap`.
+
+    It is also kept to about `num_shards / cycle` (but at least 8, one node's GPUs), so a small
+    dataset is not cut into partitions much shorter than a shard. It depends only on the batch
+    and the dataset, never on the world size: any power-of-two world size up to it can resume.
+    """
+    limit = min(cap, max(8, num_shards // cycle))
     width = 1
-    while width * 2 <= cap and global_batch % (width * 2) == 0:
+    while width * 2 <= limit and global_batch % (width * 2) == 0:
         width *= 2
     return width
 

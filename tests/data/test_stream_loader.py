@@ -271,3 +271,15 @@ def test_multi_label_samples_become_multi_hot_rows():
         decode(ShardSample("k", {"jpg": jpeg(0), "labels.json": b"[7]"}), (0,))
     with pytest.raises(KeyError):
         decode(ShardSample("k", {"jpg": jpeg(0)}), (0,))
+
+
+def test_plan_report_matches_the_loader(dataset, capsys):
+    from sharding.plan_report import main
+
+    assert main([str(dataset), "--global-batch", "16", "--world-size", "2", "--workers", "2", "--width", "4",
+                 "--cycle", "4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "370 samples in 10 shards -> 16 partitions" in out
+    assert "23 steps/epoch of 16 (8 per rank); 2 samples left out" in out
+    assert main([str(dataset), "--global-batch", "16", "--world-size", "3"]) == 2
+    assert "world size 3 does not divide data.stream_width" in capsys.readouterr().err

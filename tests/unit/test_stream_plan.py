@@ -81,4 +81,6 @@ def test_layout_errors_name_the_setting():
         StreamLayout(16, 4, 8).check_readers(2, 3)
     with pytest.raises(PlanError, match="fewer than one global batch"):
         EpochPlan([5, 5], StreamLayout(16, 4, 2), 0, 0)
-    assert default_width(4096) == 64 and default_width(96) == 32 and default_width(7) == 1
+    assert default_width(4096, 1024, 8) == 64 and default_width(96, 1024, 8) == 32 and default_width(7, 1024, 8) == 1
+    assert default_width(4096, 12, 8) == 8  # a small dataset: fewer, longer partitions, still 8 ranks
+    assert default_width(4096, 15_000, 8) == 64  # past the cap, set data.stream_width for more ranks
