@@ -31,7 +31,7 @@ STEPS = 12
 # A small model and short run; everything else is the demo recipe.
 SMALL = [
     "model.depth=2", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.dropout=0.1",
-    f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=1", "train.optim.warmup_steps=3",
+    f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=1", "train.optim.warmup_steps=3", "train.optim.lr=3e-3",
     "checkpoint.every=2", "checkpoint.keep=20", "data.workers=0",
     "eval.max_batches=1", "eval.fewshot_shots=[]", "eval.batch_size=64",
 ]
@@ -151,7 +151,7 @@ def reference(shards, tmp_path_factory) -> Path:
 def test_uninterrupted_run_learns_and_keeps_its_contract(reference):
     curve = losses(reference)
     assert sorted(curve) == list(range(1, STEPS + 1))
-    assert curve[STEPS] < curve[1]  # it learns
+    assert sum(curve[s] for s in range(7, STEPS + 1)) / 6 < curve[1]  # it learns (from ln 10 = 2.303)
     found = scan(reference / "checkpoints")
     assert [p.name for p in found.complete] == [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
     state = Checkpointer.read_state(found.newest)

@@ -1,0 +1,85 @@
+"""Where a process sits in the job, from the launcher's environment; and the trainer's small pure parts."""
+from __future__ import annotations
+
+import pytest
+
+from pretrain import distributed
+from pretrain.checkpoint import fingerprint_diff
+from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.optim import OptimConfig, WarmupDecay
+from pretrain.trainer import TrainConfig, loss_fn
+from sharding.config_loader import ConfigError
+
+import torch
+
+
+@pytest.fixture
+def slurm_conf(tmp_path, monkeypatch):
+    """A minimal slurm.conf: enough for `scontrol show hostnames`, which only expands names."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+
+
+def test_torchrun_variables_come_first():
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29501",
+           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    d = distributed.detect(env)
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.launcher) == (3, 1, 8, "n1", 29501, "torchrun")
+
+
+def test_srun_uses_step_tasks_not_job_tasks_and_first_node(slurm_conf):
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "6", "SLURM_NTASKS": "64",
+           "SLURM_STEP_NODELIST": "localhost,node[2-3]", "SLURM_JOB_NODELIST": "other[1-9]", "SLURM_JOB_ID": "123456"}
+    d = distributed.detect(env)
+    assert (d.rank, d.local_rank, d.world_size, d.launcher) == (5, 1, 6, "srun")
+    assert d.master_addr == "localhost"  # the first host of the step's list, resolvable as it is
+    assert d.master_port == distributed.slurm_port("123456") == 20000 + 123456 % 20000
+
+
+def test_batch_shell_is_not_mistaken_for_a_step():
+    # sbatch's shell sees SLURM_NTASKS and SLURM_PROCID but no step task count: one plain process.
+    d = distributed.detect({"SLURM_NTASKS": "16", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0"})
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single")
+
+
+def test_bad_rank_value_is_one_line_error():
+    with pytest.raises(Exception, match="RANK='x'"):
+        distributed.detect({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_schedule_warmup_then_linear_and_cosine_decay():
+    lin = WarmupDecay(OptimConfig(lr=1e-3, warmup_steps=10, end_lr=1e-5, schedule="linear"), 110)
+    assert lin(0) == pytest.approx(0.1) and lin(9) == pytest.approx(1.0)
+    assert lin(60) == pytest.approx(1 + (0.01 - 1) * 0.5) and lin(110) == pytest.approx(0.01)
+    cos = WarmupDecay(OptimConfig(lr=1e-3, warmup_steps=10, end_lr=0.0, schedule="cosine"), 110)
+    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sigmoid_loss_sums_classes_and_head_bias_minus_10_starts_small():
+    logits = torch.full((4, 1000), -10.0)
+    loss = loss_fn("sigmoid", 1000)(logits, torch.tensor([0, 1, 2, 3]))
+    # one positive at p=sigmoid(-10) (~10 nats) + 999 negatives at ~4.5e-5 nats each
+    assert loss.item() == pytest.approx(10.0 + 999 * 4.54e-5, rel=1e-3)
+    soft = loss_fn("softmax", 3)(torch.zeros(2, 3), torch.tensor([0, 2]))
+    assert soft.item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+
+
+def test_derived_batch_and_steps():
+    d = derive(TrainConfig(epochs=2.5, batch_size=64, grad_accum=2), world_size=2, steps_per_epoch=22)
+    assert (d.per_rank_batch, d.micro_batch, d.total_steps) == (32, 16, 55)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        derive(TrainConfig(steps=1, batch_size=30), world_size=4, steps_per_epoch=1)
+
+
+def test_model_section_starts_from_the_registry_variant(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  name: vit_l16\n  num_classes: 10\n")
+    cfg = load_pretrain_config([f], ["model.depth=2", "train.steps=1"])
+    assert (cfg.model.width, cfg.model.depth, cfg.model.num_classes, cfg.model.patch_size) == (1024, 2, 10, 16)
+
+
+def test_resume_fingerprint_allows_resources_but_not_recipe():
+    saved = {"train": {"steps": 10, "optim": {"lr": 1e-3}}, "data": {"workers": 2, "path": "a"}, "zero": {"stage": 1}}
+    now = {"train": {"steps": 20, "optim": {"lr": 2e-3}}, "data": {"workers": 8, "path": "a"}, "zero": {"stage": 2}}
+    assert fingerprint_diff(saved, now, RESUMABLE_CHANGES) == ["train.optim.lr", "zero.stage"]
