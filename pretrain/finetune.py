@@ -65,6 +65,11 @@ class FinetuneConfig(PretrainConfig):
 def load_finetune_config(files, overrides=()) -> FinetuneConfig:
     cfg = load_pretrain_config(files, overrides, schema=FinetuneConfig)
     cfg.init.validate()
+    if cfg.init.linear_probe and cfg.zero.stage < 2:
+        # Below stage 2 DeepSpeed's checkpoints keep no fp32 copy of frozen weights, so the
+        # backbone would be missing from consolidated exports.
+        raise ConfigError(f"init.linear_probe: needs zero.stage >= 2 (got {cfg.zero.stage}), "
+                          "so that checkpoints hold the frozen backbone")
     return cfg
 
 

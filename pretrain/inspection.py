@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import html
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -136,18 +137,19 @@ def load_model(path: str | Path, model_name: str | None, img_size: int | None) -
     """The model a run directory, export or weights file holds (all layers kept), in eval mode."""
     from pretrain.model import build_model, model_config
     from pretrain.starting_weights import fit_to_model, read_source
+    from pretrain.weights import infer_model_fields
 
     source = read_source(path)
     if source.model is not None:
         cfg = source.model
     elif model_name:
-        cfg = model_config(model_name, num_classes=source.num_classes,
-                           representation_size=source.representation_size)
+        # The weights fix every shape but the number of heads, which comes from the variant.
+        cfg = model_config(model_name, **infer_model_fields(source.state))
     else:
         raise UserError(f"{path}: a {source.kind} file does not record its architecture; pass --model NAME")
     if img_size is None and source.model is None and "pos_embed" in source.state:
         rows = source.state["pos_embed"].shape[1] - cfg.num_prefix_tokens * cfg.posemb_class_token
-        img_size = round(rows ** 0.5) * cfg.patch_size
+        img_size = math.isqrt(rows) * cfg.patch_size
     if img_size:
         cfg = dataclasses.replace(cfg, img_size=img_size, img_width=None)
     model = build_model(cfg)

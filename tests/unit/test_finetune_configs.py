@@ -59,7 +59,9 @@ def test_init_section_errors_name_the_key():
     with pytest.raises(ConfigError, match="init.posemb_method"):
         load_finetune_config([], ["train.steps=1", "init.posemb_method=nearest"])
     with pytest.raises(ConfigError, match="init.linear_probe"):
-        load_finetune_config([], ["train.steps=1", "init.linear_probe=true", "init.reset_head=false"])
+        load_finetune_config([], ["train.steps=1", "init.linear_probe=true", "init.reset_head=false", "zero.stage=2"])
+    with pytest.raises(ConfigError, match="init.linear_probe: needs zero.stage >= 2"):
+        load_finetune_config([], ["train.steps=1", "init.linear_probe=true", "zero.stage=1"])
     with pytest.raises(ConfigError, match="init.weight"):
         load_finetune_config([], ["train.steps=1", "init.weight=x"])
 

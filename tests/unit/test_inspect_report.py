@@ -69,3 +69,41 @@ def test_report_without_class_token_row_in_posemb(tmp_path):
     sim = torch.tensor(json.loads((tmp_path / "inspection.json").read_text())["posemb_similarity"])
     assert sim.shape == (8, 8, 8, 8)
     assert torch.allclose(sim[3, 4, 3, 4], torch.tensor(1.0), atol=1e-5)
+
+
+def test_cli_on_a_timm_file_and_an_image_folder(tmp_path):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from pretrain.inspection import main
+
+    model = tiny_vit(width=48, heads=3, pool="token")  # vit_ti16 has 3 heads
+    weights = tmp_path / "timm_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + 10 * i, 30), (80 * i, 120, 200)).save(images / f"im{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main([str(weights), "--model", "vit_ti16", "--images", str(images), "--out", str(out)]) == 0
+    numbers = json.loads((out / "inspection.json").read_text())
+    assert numbers["grid"] == [8, 8] and numbers["patch_size"] == 4       # inferred from the weights
+    assert len(numbers["attention_distance"][0]) == 3
+    # at another resolution the position embedding is resampled
+    assert main([str(weights), "--model", "vit_ti16", "--img-size", "48", "--images", str(images),
+                 "--out", str(tmp_path / "out48")]) == 0
+    assert json.loads((tmp_path / "out48" / "inspection.json").read_text())["grid"] == [12, 12]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from pretrain.inspection import main
+
+    assert main([str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    weights = tmp_path / "w.pth"
+    torch.save(tiny_vit(width=48, heads=3).state_dict(), weights)
+    assert main([str(weights), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+    assert main([str(weights), "--model", "vit_ti16", "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no image files" in capsys.readouterr().err
