@@ -85,30 +85,34 @@ def _keep_order(shards: list[ShardTask]) -> list[ShardTask]:
 def _write_exclusions(out: Path, shards: list[ShardTask]) -> Counter:
     """Exact duplicates by sha256 of the image bytes, whichever tasks converted them.
 
-    Holds 128 bits of each hash plus a row number (24 bytes a sample) rather than the
-    index itself: about 7 GB at 300M samples, on the one node that merges.
+    Holds 128 bits of each hash plus where the sample is (24 bytes a sample) rather than
+    the index itself: about 7 GB at 300M samples, on the one node that merges.
     """
-    his, los, keys = [], [], []
-    for t in _keep_order(shards):
-        table = read_table(out / fmt.shard_index_path(t.split, t.shard)).select(["key", "sha256"])
-        digests = [bytes.fromhex(h) for h in table.column("sha256").to_pylist()]
-        his.append(np.array([int.from_bytes(d[:8], "big") for d in digests], dtype=np.uint64))
-        los.append(np.array([int.from_bytes(d[8:16], "big") for d in digests], dtype=np.uint64))
-        keys.extend(table.column("key").to_pylist())
-    hi, lo = (np.concatenate(a) if a else np.zeros(0, np.uint64) for a in (his, los))
-    order = np.lexsort((lo, hi))  # stable: the first of equal hashes is the one kept
-    same = (hi[order][1:] == hi[order][:-1]) & (lo[order][1:] == lo[order][:-1])
-    rows, kept_key, per_split = [], None, Counter()
-    for pos, dup in enumerate(np.concatenate([[False], same])):
-        if not dup:
-            kept_key = keys[order[pos]]
-            continue
-        rows.append((int(order[pos]), keys[order[pos]], kept_key))
-    rows.sort()
-    for _, key, _ in rows:
-        per_split[key.rsplit("_", 2)[0]] += 1
-    table = pa.table({"key": [r[1] for r in rows], "reason": [DUPLICATE] * len(rows),
-                      "duplicate_of": [r[2] for r in rows]},
+    order_shards = _keep_order(shards)
+    his, los, where, slots = [], [], [], []
+    for i, t in enumerate(order_shards):
+        table = read_table(out / fmt.shard_index_path(t.split, t.shard)).select(["slot", "sha256"])
+        digests = np.frombuffer(bytes.fromhex("".join(table.column("sha256").to_pylist())), dtype=">u8")
+        digests = digests.reshape(-1, 4)
+        his.append(digests[:, 0].astype(np.uint64))
+        los.append(digests[:, 1].astype(np.uint64))
+        where.append(np.full(len(digests), i, dtype=np.int32))
+        slots.append(table.column("slot").to_numpy().astype(np.int32))
+    hi, lo, shard_of, slot = (np.concatenate(a) if a else np.zeros(0, np.int32) for a in (his, los, where, slots))
+    order = np.lexsort((lo, hi))  # stable: the first of equal hashes (in keep order) is kept
+    dup = np.zeros(len(order), dtype=bool)
+    dup[1:] = (hi[order][1:] == hi[order][:-1]) & (lo[order][1:] == lo[order][:-1])
+    # Each duplicate's kept copy is the last non-duplicate before it in hash order.
+    kept = order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]
+
+    def key(row: int) -> str:
+        t = order_shards[shard_of[row]]
+        return fmt.sample_key(t.split, t.shard, int(slot[row]))
+
+    rows = sorted(zip(order[dup].tolist(), kept[dup].tolist()))  # in keep order
+    per_split = Counter(order_shards[shard_of[r]].split for r, _ in rows)
+    table = pa.table({"key": [key(r) for r, _ in rows], "reason": [DUPLICATE] * len(rows),
+                      "duplicate_of": [key(k) for _, k in rows]},
                      schema=pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())]))
     write_table(out / fmt.EXCLUSIONS_DIR / EXACT_DUPLICATES, table)
     return per_split

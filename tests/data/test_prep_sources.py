@@ -159,3 +159,27 @@ def test_imagefolder_with_split_folders_keeps_them(tmp_path):
     rows = _all_rows(ds)
     assert all(r["source_id"].startswith(r["split"] + "/") for r in rows)
     assert all(r["label"] == (0 if "/a_cat/" in r["source_id"] else 1) for r in rows)
+
+
+def test_exact_duplicates_are_excluded_keeping_the_evaluation_copy(tmp_path):
+    import shutil
+
+    for c in ("a", "b"):
+        (tmp_path / "in" / c).mkdir(parents=True)
+    for i in range(30):
+        Image.new("RGB", (20, 20), (i * 8, 0, 0)).save(tmp_path / "in" / "a" / f"{i}.png")
+    for i in range(10):
+        shutil.copy(tmp_path / "in" / "a" / f"{i}.png", tmp_path / "in" / "b" / f"{i}.png")
+    shutil.copy(tmp_path / "in" / "a" / "0.png", tmp_path / "in" / "b" / "extra.png")
+    out = tmp_path / "out"
+    assert prep_main(["convert", "--source", "imagefolder", "--input", str(tmp_path / "in"),
+                      "--output", str(out), "--samples-per-shard", "7"]) == 0
+    ds = sharding.open_dataset(out)
+    rows = {r["key"]: r for r in _all_rows(ds)}
+    excl = pq.read_table(out / "exclusions" / "exact_duplicates.parquet").to_pylist()
+    assert len(excl) == 11 and ds.info["num_excluded"] == 11 and ds.excluded_keys() == {e["key"] for e in excl}
+    for e in excl:
+        dup, kept = rows[e["key"]], rows[e["duplicate_of"]]
+        assert dup["sha256"] == kept["sha256"] and e["key"] != e["duplicate_of"]
+        assert kept["split"] != "train" or dup["split"] == "train"  # an eval copy is never dropped for a train one
+    assert len({rows[e["duplicate_of"]]["sha256"] for e in excl}) == 10
