@@ -26,7 +26,13 @@ TIMM_PARAMS = {
     "vit_g14": 1_012_611_432,
     "r50_vit_b16": 98_659_112,
 }
-TIMM_NAMES = {"vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224", "vit_b32": "vit_base_patch32_224"}
+TIMM_NAMES = {
+    "vit_ti16": "vit_tiny_patch16_224",
+    "vit_s16": "vit_small_patch16_224",
+    "vit_b16": "vit_base_patch16_224",
+    "vit_b32": "vit_base_patch32_224",
+    "r50_vit_b16": "vit_base_r50_s16_224",
+}
 
 
 def num_params(model: torch.nn.Module) -> int:
@@ -49,7 +55,7 @@ def test_parameter_names_and_shapes_equal_timm(name):
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
         ours = create_model(name)
-        theirs = timm.create_model(TIMM_NAMES[name], pretrained=False)
+        theirs = timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=1000)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
