@@ -316,8 +316,14 @@ def infer_model_fields(state_dict: StateDict) -> dict:
         # big_vision: a class token but a square pos-emb (no class-token row)
         posemb_class_token=not (class_token and infer_grid_or_none(state_dict["pos_embed"].shape[1]) is not None),
     )
-    if "patch_embed.backbone.stem.conv.weight" not in state_dict:
+    stem = state_dict.get("patch_embed.backbone.stem.conv.weight")
+    if stem is None:
         fields["patch_size"] = proj.shape[-1]
+    else:  # hybrid: blocks per ResNet stage, stem width; tokens are the stride-2**(stages+1) feature map
+        stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
+        fields["resnet_layers"] = [_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)]
+        fields["resnet_width"] = stem.shape[0]
+        fields["patch_size"] = 2 ** (stages + 1) * proj.shape[-1]
     return fields
 
 

@@ -120,7 +120,8 @@ def test_npz_layouts_round_trip(tmp_path, name, overrides, layout, scan):
     state_dict = load_npz(path)
     fields = infer_model_fields(state_dict)
     assert fields["posemb_class_token"] == ours.cfg.posemb_class_token
-    assert fields["pool"] == ours.cfg.pool and fields["representation_size"] == ours.cfg.representation_size
+    for key, value in fields.items():
+        assert getattr(ours.cfg, key) == value, key
     loaded = create_model(name, **_same_cfg(ours)).eval()
     load_weights(loaded, state_dict)
     x = torch.randn(2, 3, *ours.cfg.img_hw)
