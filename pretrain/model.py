@@ -25,7 +25,6 @@ GELU is the exact (erf) form, as in timm and PyTorch's default.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
