@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -22,8 +23,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def temp_name(final: Path) -> Path:
-    # Unique per process, so two writers racing for one name never share a temp file.
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    # Unique per host and process: array tasks on different nodes may share a pid and write
+    # into one folder on shared storage, and two writers racing must never share a temp file.
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 @contextlib.contextmanager
