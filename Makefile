@@ -27,8 +27,10 @@ demo: venv
 	$(BIN)/vit-demo
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself.
+# One OpenMP thread per process: the multi-process tests run several ranks on few cores,
+# where oversubscribed thread pools make small tensor ops orders of magnitude slower.
 test: venv system-deps
-	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	OMP_NUM_THREADS=1 $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
