@@ -76,11 +76,11 @@ def load_finetune_config(files, overrides=()) -> FinetuneConfig:
 def adopt_source_shape(cfg: FinetuneConfig, source) -> list[str]:
     """Model fields the starting weights decide (kept layers must keep their shapes)."""
     notes = []
-    if not cfg.init.drop_representation and source.representation_size != cfg.model.representation_size:
-        notes.append(f"model.representation_size={source.representation_size} (kept from the source)")
-        cfg.model.representation_size = source.representation_size
-    if cfg.init.drop_representation:
-        cfg.model.representation_size = None
+    representation = None if cfg.init.drop_representation else source.representation_size
+    if representation != cfg.model.representation_size:
+        why = "init.drop_representation" if cfg.init.drop_representation else "kept from the source"
+        notes.append(f"model.representation_size={representation} ({why})")
+        cfg.model.representation_size = representation
     if not cfg.init.reset_head and source.num_classes != cfg.model.num_classes:
         raise ConfigError(f"init.reset_head=false keeps the source head of {source.num_classes} classes, "
                           f"but model.num_classes is {cfg.model.num_classes}")
@@ -173,6 +173,7 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
         if source is not None:
             report = fit_to_model(source, model, reset_head=cfg.init.reset_head, posemb_method=cfg.init.posemb_method)
             held["init"] = {**report.as_dict(), "lines": report.lines() + [f"init: {n}" for n in notes]}
+            source.state.clear()  # the model holds the weights now; a ViT-H source is 2.5 GB per rank
             for line in held["init"]["lines"]:
                 say(rank, line)
         else:

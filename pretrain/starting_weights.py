@@ -1,10 +1,13 @@
 """Starting weights: read a trained ViT from any supported source, then fit it to a model.
 
-Sources (`read_source`), all read without pickle:
-  * a vitscale run directory (its `export/`, else its newest complete checkpoint),
-  * a vitscale export directory (safetensors + model config),
+Sources (`read_source`):
+  * a vitscale run directory: its newest complete checkpoint, consolidated from the ZeRO
+    partitions (the Polyak-averaged weights when the run kept them),
+  * a vitscale export (`RUN/export/` or its `model.safetensors`, model config in the metadata),
   * a timm state dict (`.safetensors`, or `.pth`/`.pt`/`.bin` read with weights_only=True),
-  * an official vision_transformer / big_vision `.npz`.
+  * an official vision_transformer / big_vision `.npz` (read with allow_pickle=False).
+Files from elsewhere never reach pickle; only a run directory's own DeepSpeed checkpoint is
+read by DeepSpeed's consolidation (which unpickles files this project wrote).
 
 `fit_to_model` is paper Section 3.2: drop the pretraining head (and the pre-logits layer
 when the target has none), keep the new zero-initialised head, and resample the position

@@ -65,7 +65,7 @@ def pretrained(shards, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_model("vit_ti16", img_size=16, **ARCH)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    for _ in range(12):
+    for _ in range(8):
         for idx in torch.randperm(len(y)).split(64):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad()
