@@ -107,3 +107,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "pass --model NAME" in capsys.readouterr().err
     assert main([str(weights), "--model", "vit_ti16", "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_figure_data_of_a_model_with_smooth_position_embeddings():
+    """The similarity figure's own data (through `inspect_model`), for a model whose position
+    embeddings are 2D-smooth by construction: nearer patches are more similar."""
+    from pretrain.inspection import inspect_model
+    from pretrain.inspect_attention import patch_distances
+
+    model = tiny_vit()
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    freqs = torch.linspace(0.05, 0.35, 8)
+    smooth = torch.cat([f(c.flatten()[:, None] * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], dim=1)
+    with torch.no_grad():
+        model.pos_embed[0, 1:] = smooth                                   # (64, 32)
+    sim = inspect_model(model, torch.zeros(1, 3, 32, 32))["posemb_similarity"].flatten()
+    dist = patch_distances((8, 8)).flatten().float()
+    by_distance = [sim[(dist > lo) & (dist <= lo + 1)].mean().item() for lo in range(0, 8)]
+    assert all(a > b for a, b in zip(by_distance, by_distance[1:])), by_distance
