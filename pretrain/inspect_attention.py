@@ -15,6 +15,7 @@ that module's own `qkv` projection. Training keeps the fast path untouched.
 from __future__ import annotations
 
 import math
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -28,10 +29,12 @@ def _num_heads(model: nn.Module, attn: nn.Module) -> int:
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Per block, the attention probabilities (B, heads, N, N) for `images` (B, 3, H, W).
+def iter_attention_maps(model: nn.Module, images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Per block, in order, the attention probabilities (B, heads, N, N) for `images`.
 
-    Runs one ordinary forward pass in eval mode; returns float32 tensors on the CPU.
+    Runs one ordinary forward pass in eval mode, keeping only each block's (B, N, D) input;
+    the (B, heads, N, N) maps are computed one block at a time as the caller asks for them
+    (at ViT-H/14 and 518 px all of them at once would take tens of GB). Float32, on the CPU.
     """
     captured: list[torch.Tensor] = []
     hooks = [blk.attn.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
@@ -45,7 +48,6 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
             h.remove()
         model.train(was_training)
 
-    maps = []
     for blk, x in zip(model.blocks, captured):
         attn = blk.attn
         heads = _num_heads(model, attn)
@@ -56,8 +58,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
         q = getattr(attn, "q_norm", nn.Identity())(q)
         k = getattr(attn, "k_norm", nn.Identity())(k)
         logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        maps.append(logits.softmax(dim=-1).cpu())                       # (B, h, N, N)
-    return maps
+        yield logits.softmax(dim=-1).cpu()                              # (B, h, N, N)
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """All blocks' attention probabilities at once: a list of (B, heads, N, N)."""
+    return list(iter_attention_maps(model, images))
 
 
 def patch_distances(grid: tuple[int, int], patch_size: int = 1) -> torch.Tensor:
@@ -79,27 +85,34 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], num_prefi
     query patches and images. A head attending only to itself gives 0; a uniform head gives
     the mean pairwise distance of the grid.
     """
-    p = attn[..., num_prefix_tokens:, num_prefix_tokens:].double()      # (B, h, HW, HW)
-    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = patch_distances(grid, patch_size)                            # (HW, HW)
-    per_query = (p * dist).sum(dim=-1)                                  # (B, h, HW)
+    p = attn[..., num_prefix_tokens:, num_prefix_tokens:]               # (B, h, HW, HW)
+    mass = p.sum(dim=-1).double().clamp_min(1e-12)                      # (B, h, HW)
+    dist = patch_distances(grid, patch_size).to(p.dtype)                # (HW, HW)
+    per_query = torch.einsum("bhqk,qk->bhq", p, dist).double() / mass   # (B, h, HW)
     return per_query.mean(dim=(0, 2)).float()
 
 
-def attention_rollout(maps: list[torch.Tensor], residual_weight: float = 0.5) -> torch.Tensor:
-    """Attention rollout through all layers: list of (B, h, N, N) -> (B, N, N).
+def rollout_step(rollout: torch.Tensor | None, attn: torch.Tensor, residual_weight: float = 0.5) -> torch.Tensor:
+    """Compose one more layer (B, h, N, N) onto the rollout so far (B, N, N) (None: first layer).
 
-    Heads are averaged, the residual stream is modelled as A' = w I + (1 - w) A with rows
-    renormalised, and layers compose by matrix product, last layer on the left: row i of the
-    result says how much each input token contributes to output token i.
+    Heads are averaged and the residual stream is modelled as A' = w I + (1 - w) A with rows
+    renormalised; the new layer multiplies from the left.
+    """
+    a = attn.double().mean(dim=1)                                       # (B, N, N)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
+    a = residual_weight * eye + (1.0 - residual_weight) * a
+    a = a / a.sum(dim=-1, keepdim=True)
+    return a if rollout is None else a @ rollout
+
+
+def attention_rollout(maps: Iterable[torch.Tensor], residual_weight: float = 0.5) -> torch.Tensor:
+    """Attention rollout through all layers: (B, h, N, N) per layer, first to last -> (B, N, N).
+
+    Row i of the result says how much each input token contributes to output token i.
     """
     rollout = None
     for a in maps:
-        a = a.double().mean(dim=1)                                      # (B, N, N)
-        eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
-        a = residual_weight * eye + (1.0 - residual_weight) * a
-        a = a / a.sum(dim=-1, keepdim=True)
-        rollout = a if rollout is None else a @ rollout
+        rollout = rollout_step(rollout, a, residual_weight)
     return rollout.float()
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from pretrain import inspect_figures as figures
-from pretrain.inspect_attention import attention_maps, attention_rollout, mean_attention_distance, output_token_map
+from pretrain.inspect_attention import iter_attention_maps, mean_attention_distance, output_token_map, rollout_step
 from pretrain.inspect_embeddings import filter_components, posemb_similarity
 from sharding.atomic import atomic_write_text
 from sharding.errors import UserError, cli_entry
@@ -30,6 +30,7 @@ from sharding.errors import UserError, cli_entry
 # How many images go into the attention statistics and how many get a rollout overlay.
 ATTENTION_SAMPLE = 32
 ROLLOUT_SHOWN = 8
+CHUNK = 4  # images per forward pass while collecting attention
 
 
 def _grid(model: nn.Module) -> tuple[int, int]:
@@ -43,7 +44,11 @@ def _patch_size(model: nn.Module) -> int:
 
 
 def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The arrays behind every figure, for `images` already normalised for the model."""
+    """The arrays behind every figure, for `images` already normalised for the model.
+
+    Images go through in chunks and each block's attention is reduced as soon as it is
+    computed, so memory stays bounded by one block's (chunk, heads, N, N) maps.
+    """
     grid, prefix = _grid(model), model.num_prefix_tokens
     out: dict[str, torch.Tensor] = {}
     proj = model.patch_embed.proj.weight
@@ -53,11 +58,21 @@ def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
         # big_vision's layout has no class-token row even when the model has a class token.
         posemb_prefix = model.pos_embed.shape[1] - grid[0] * grid[1]
         out["posemb_similarity"] = posemb_similarity(model.pos_embed, grid, posemb_prefix)
-    maps = attention_maps(model, images[:ATTENTION_SAMPLE])
-    out["attention_distance"] = torch.stack(
-        [mean_attention_distance(a, grid, prefix, _patch_size(model)) for a in maps])  # (depth, heads)
-    shown = [a[:ROLLOUT_SHOWN] for a in maps]
-    out["rollout"] = output_token_map(attention_rollout(shown), grid, prefix)            # (b, gh, gw)
+    sample = images[:ATTENTION_SAMPLE]
+    distance_sum, rollouts = None, []
+    for start in range(0, len(sample), CHUNK):
+        chunk = sample[start:start + CHUNK]
+        rollout = None
+        per_layer = []
+        for attn in iter_attention_maps(model, chunk):
+            per_layer.append(mean_attention_distance(attn, grid, prefix, _patch_size(model)) * len(chunk))
+            if start < ROLLOUT_SHOWN:
+                rollout = rollout_step(rollout, attn)
+        distance_sum = torch.stack(per_layer) if distance_sum is None else distance_sum + torch.stack(per_layer)
+        if rollout is not None:
+            rollouts.append(output_token_map(rollout.float(), grid, prefix))
+    out["attention_distance"] = distance_sum / len(sample)                      # (depth, heads)
+    out["rollout"] = torch.cat(rollouts)[:ROLLOUT_SHOWN]                         # (b, gh, gw)
     return out
 
 

@@ -125,3 +125,19 @@ def test_figure_data_of_a_model_with_smooth_position_embeddings():
     dist = patch_distances((8, 8)).flatten().float()
     by_distance = [sim[(dist > lo) & (dist <= lo + 1)].mean().item() for lo in range(0, 8)]
     assert all(a > b for a, b in zip(by_distance, by_distance[1:])), by_distance
+
+
+def test_chunked_inspection_equals_whole_batch_computation():
+    from pretrain.inspect_attention import attention_rollout, mean_attention_distance, output_token_map
+    from pretrain.inspection import CHUNK, ROLLOUT_SHOWN, inspect_model
+
+    model = tiny_vit()
+    torch.manual_seed(1)
+    images = torch.randn(2 * CHUNK + 3, 3, 32, 32)                      # chunks of unequal size
+    data = inspect_model(model, images)
+    maps = attention_maps(model, images)
+    expected = torch.stack([mean_attention_distance(a, (8, 8), 1, 4) for a in maps])
+    assert torch.allclose(data["attention_distance"], expected, rtol=1e-5)
+    rollout = output_token_map(attention_rollout([a[:ROLLOUT_SHOWN] for a in maps]), (8, 8), 1)
+    assert data["rollout"].shape == (ROLLOUT_SHOWN, 8, 8)
+    assert torch.allclose(data["rollout"], rollout, atol=1e-6)
