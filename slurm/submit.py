@@ -51,12 +51,12 @@ class StageJobs:
 # --------------------------------------------------------------------------- config
 def _resolved(files: Sequence[str | Path], overrides: Sequence[str]) -> DictConfig:
     cfg = OmegaConf.create({})
-    for f in files:
-        cfg = OmegaConf.merge(cfg, read_yaml(f))
-    try:
-        return OmegaConf.merge(cfg, parse_overrides(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from None
+    for source, layer in [*((str(f), read_yaml(f)) for f in files), ("overrides", parse_overrides(overrides))]:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {str(e).splitlines()[0]}") from None
+    return cfg
 
 
 def slurm_section(cfg: DictConfig, where: str) -> SlurmConfig:

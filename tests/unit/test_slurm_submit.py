@@ -137,3 +137,8 @@ def test_demo_pipeline_config_renders(capsys):
     assert "merge /scratch/demo/shards)" in merge
     assert parse_sbatch_options(pre)["nodes"] == "2" and parse_sbatch_options(pre)["ntasks-per-node"] == "1"
     assert "pretrain.finetune /scratch/demo/finetune/slurm/finetune-config.yaml" in ft
+
+
+def test_status_of_a_folder_never_submitted_is_one_line(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "no jobs.jsonl (was this run submitted with vit-submit?)" in capsys.readouterr().err
