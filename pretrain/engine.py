@@ -72,8 +72,9 @@ def build_model_for(cfg: ZeroConfig, ds_config: dict, build: Callable[[], torch.
         return build()
     import deepspeed
 
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # No `dtype=`: DeepSpeed 0.19 then picks bf16 on any device without fp16 (an operator-precedence
+    # slip); without it the precision comes from the config's bf16 section, as intended.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         return build()
 
 
