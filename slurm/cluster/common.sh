@@ -7,15 +7,19 @@ STATE="$(cd "$STATE" && pwd)"
 export SLURM_CONF="$STATE/slurm.conf"
 PATH="$PATH:/usr/sbin"
 
-# Kill the daemon whose pid is in file $1 (only that process), waiting for it to go.
-stop_pidfile() {
-    local pidfile="$1" pid i
-    [ -s "$pidfile" ] || return 0
-    pid="$(cat "$pidfile")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+# Stop the daemons whose pids are in the given files (only those processes): signal them
+# all, wait up to 10 s for them to go, then kill what is left.
+stop_pidfiles() {
+    local pids=() f pid i
+    for f in "$@"; do
+        [ -s "$f" ] && pid="$(cat "$f")" && kill "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$f"
+    done
+    for i in $(seq 50); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && return 0
+        sleep 0.2
+    done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
 }

@@ -22,6 +22,13 @@ fi
 bash "$HERE/stop.sh" "$STATE" >/dev/null 2>&1 || true
 
 PORT="${VITSCALE_SLURM_PORT:-16817}"
+# Another cluster on these ports would answer our clients and hide a failed start.
+for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        echo "error: port $p is in use (another cluster?); set VITSCALE_SLURM_PORT to a free base port" >&2
+        exit 2
+    fi
+done
 mkdir -p "$STATE"/{ctld,spool/n1,spool/n2,log,run,munge}
 chmod 700 "$STATE/munge"
 
@@ -41,6 +48,15 @@ echo "export SLURM_CONF=$SLURM_CONF" > "$STATE/env.sh"
 slurmctld -c -f "$SLURM_CONF"
 slurmd -N n1 -f "$SLURM_CONF"
 slurmd -N n2 -f "$SLURM_CONF"
+
+for d in slurmctld slurmd-n1 slurmd-n2; do
+    for i in $(seq 25); do [ -s "$STATE/run/$d.pid" ] && break; sleep 0.2; done  # written after forking
+    pid="$(cat "$STATE/run/$d.pid" 2>/dev/null || true)"
+    if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+        echo "error: $d did not start; see $STATE/log/" >&2
+        exit 1
+    fi
+done
 
 # Ready when both nodes answer and are idle.
 for i in $(seq 60); do

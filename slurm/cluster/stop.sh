@@ -9,8 +9,6 @@ source "$HERE/common.sh"
 if [ -s "$STATE/run/slurmctld.pid" ]; then
     scancel --user="$(id -un)" >/dev/null 2>&1 && sleep 1
 fi
-stop_pidfile "$STATE/run/slurmd-n1.pid"
-stop_pidfile "$STATE/run/slurmd-n2.pid"
-stop_pidfile "$STATE/run/slurmctld.pid"
-stop_pidfile "$STATE/run/munged.pid"
+stop_pidfiles "$STATE/run/slurmd-n1.pid" "$STATE/run/slurmd-n2.pid" "$STATE/run/slurmctld.pid"
+stop_pidfiles "$STATE/run/munged.pid"  # last: the others authenticate through it while stopping
 echo "stopped slurm test cluster in $STATE"
