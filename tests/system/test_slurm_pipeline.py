@@ -78,3 +78,6 @@ def test_pipeline_runs_every_stage_like_by_hand(slurm_cluster, runs, digits_shar
                             capture_output=True, text=True, check=True).stdout
     assert f"{ids[2]}  vit-pretrain-pretrain" in status and "COMPLETED" in status
     assert f"last_checkpoint=step-{runs.steps:08d}" in status and f"last_step={runs.steps}" in status
+    prep_status = subprocess.run([str(runs.bin / "vit-submit"), "status", str(work / "shards")],
+                                 capture_output=True, text=True, check=True).stdout
+    assert prep_status.count("COMPLETED") == 3  # two array tasks and the merge
