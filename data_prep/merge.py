@@ -47,7 +47,7 @@ def run_merge(out: str | Path) -> dict:
     records = [json.loads(done_path(out, t).read_text()) for t in shards]
     _check_counts(doc, shards, records)
     for folder in (".", fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.EXCLUSIONS_DIR):
-        remove_stale_temps(out / folder)  # every shard is done: what is left is from killed runs
+        remove_stale_temps(out / folder, all_writers=True)  # every shard is done: the rest is from killed runs
 
     write_table(out / fmt.SHARD_TABLE, table_from_rows(
         [{k: r[k] for k in SHARD_SCHEMA.names} for r in records], SHARD_SCHEMA))

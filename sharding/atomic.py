@@ -56,11 +56,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> int:
-    """Delete temp files left by writers that were killed; returns how many were removed."""
+def _writer_is_gone(temp: Path, host: str) -> bool:
+    """True when `temp` was written on this host by a process that no longer runs."""
+    writer_host, _, pid = temp.name.rpartition(".tmp-")[2].rpartition("-")
+    if writer_host != host or not pid.isdigit():
+        return False  # another node's writer: its liveness cannot be judged from here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def remove_stale_temps(folder: str | os.PathLike, *, all_writers: bool = False) -> int:
+    """Delete temp files left by killed writers; returns how many were removed.
+
+    By default only temps of dead processes on this host go, so a task starting beside
+    running siblings (array tasks sharing an output folder) never deletes their work in
+    flight. `all_writers=True` is for a caller that knows every writer has finished.
+    """
+    host = socket.gethostname()
     removed = 0
     for p in Path(folder).glob(".*.tmp-*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            removed += 1
+        if all_writers or _writer_is_gone(p, host):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed += 1
     return removed
