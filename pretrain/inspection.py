@@ -245,9 +245,9 @@ def parse_args(argv):
 
 
 @cli_entry
+@torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     model, source = load_model(args.source, args.model, args.img_size)
     config_text, data, results = _run_context(source.run_dir)
     mean, std = data.get("mean", (0.5, 0.5, 0.5)), data.get("std", (0.5, 0.5, 0.5))
