@@ -116,7 +116,7 @@ def test_init_log_results_and_transfer_beats_random_init(shards, reference, tmp_
     transfer, random_init = summary["results"]["test"]["top1"], results(scratch)["results"]["test"]["top1"]
     print(f"test top-1 after {STEPS} steps at 32 px: from 16 px weights {transfer:.3f}, random init {random_init:.3f}")
     assert transfer >= random_init + 0.15, (transfer, random_init)
-    assert transfer >= 0.5
+    assert transfer >= 0.4  # far from the 0.95+ of a full fine-tune, but a broken start stays near 0.1
 
 
 @pytest.mark.slow
