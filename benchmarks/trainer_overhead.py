@@ -2,7 +2,7 @@
 
 Same model, optimizer (AdamW + warm-up/decay schedule), loss, gradient clipping and batch,
 in one process: the bare loop is forward, loss, backward, clip, step; ours is
-`Trainer.fit` over the DeepSpeed engine (ZeRO stage 1, one rank) with everything a real
+`Trainer.fit` over the DeepSpeed engine (ZeRO stage `--stage`, one rank) with everything a real
 run has at step boundaries except data loading (an in-memory batch is repeated, so only
 the trainer is measured). Then a checkpoint save is timed against writing the same
 number of bytes with fsync: the disk's bandwidth measured in the same run.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -50,9 +49,9 @@ def bare_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, th
     opt = build_optimizer(optim_cfg, model.named_parameters())
     sched = build_scheduler(optim_cfg, opt, steps + 1)
     loss_of = loss_fn("softmax", model_cfg.num_classes)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
+    for step in range(steps + 1):
+        if step == 1:  # after one warm-up step, as ours
+            t0 = time.perf_counter()
         loss = loss_of(model(images), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -60,15 +59,14 @@ def bare_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, th
         opt.step()
         sched.step()
         loss.item()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return (time.perf_counter() - t0) / steps
 
 
-def our_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, run_dir: Path, threads: int):
+def our_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, run_dir: Path, threads: int, stage: int):
     """Seconds per step of Trainer.fit over the DeepSpeed engine, and the engine."""
     torch.manual_seed(0)
     batch = images.shape[0]
-    ds_cfg = deepspeed_config(ZeroConfig(stage=1), global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
+    ds_cfg = deepspeed_config(ZeroConfig(stage=stage), global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
     engine = build_engine(build_model(model_cfg), ds_cfg, optim_cfg, steps + 1)
     torch.set_num_threads(threads)  # DeepSpeed's CPU set-up may change it; both loops get the same
     train_cfg = TrainConfig(steps=steps + 1, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
@@ -104,6 +102,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
+    p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine (0: no sharding)")
     args = p.parse_args()
     distributed.init_process_group(distributed.detect(), 600)
 
@@ -115,7 +114,8 @@ def main() -> None:
 
     bare = bare_loop(model_cfg, optim_cfg, images, targets, args.steps, 1.0, args.threads)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        ours, engine = our_loop(model_cfg, optim_cfg, images, targets, args.steps, 1.0, Path(tmp), args.threads)
+        ours, engine = our_loop(model_cfg, optim_cfg, images, targets, args.steps, 1.0, Path(tmp), args.threads,
+                                args.stage)
         ckpt = Checkpointer(Path(tmp) / "checkpoints", CheckpointConfig(keep=1), 0, 1)
         t0 = time.perf_counter()
         folder = ckpt.save(engine, 1, {"step": 1})
@@ -124,7 +124,8 @@ def main() -> None:
         bandwidth = disk_bandwidth(Path(tmp), nbytes)
 
     params = sum(p.numel() for p in engine.module.parameters())
-    print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, {args.threads} threads")
+    print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
+          f"{args.threads} threads, ZeRO stage {args.stage}")
     print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s")
     print(f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s")
     print(f"checkpoint save   : {nbytes / 1e6:.0f} MB in {save_s:.2f} s = {nbytes / save_s / 1e6:.0f} MB/s; "
