@@ -156,8 +156,8 @@ class Checkpointer:
             for folder, why in found.incomplete.items():
                 print(f"checkpoint: ignoring and removing {folder.name}: {why}", file=sys.stderr)
                 shutil.rmtree(folder, ignore_errors=True)
-            if self.root.is_dir():
-                remove_stale_temps(self.root)
+            if self.root.is_dir():  # a starting run is the only writer of its checkpoints
+                remove_stale_temps(self.root, all_writers=True)
         barrier()
         return found.incomplete
 
