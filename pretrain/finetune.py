@@ -30,6 +30,7 @@ from sharding.config_loader import ConfigError, to_yaml
 from sharding.errors import cli_entry
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
+INIT_JSON = "init.json"  # what the start did (source, resolution and grid change, keys re-initialised)
 
 
 @dataclass
@@ -158,13 +159,23 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- entry point
 def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
     from pretrain import distributed
+    from pretrain.checkpoint import Checkpointer, scan
     from pretrain.model import build_model
     from pretrain.starting_weights import fit_to_model, read_source
     from pretrain.train import run_training, say
 
     # ---------------------------------------------------------------- starting weights
-    source = read_source(cfg.init.weights) if cfg.init.weights else None
-    notes = adopt_source_shape(cfg, source) if source else []
+    run_dir = Path(cfg.run.dir)
+    resume_from = scan(run_dir / "checkpoints").newest if cfg.checkpoint.resume else None
+    source, notes = None, []
+    if resume_from is not None:
+        # The checkpoint holds the weights (a requeued ViT-H job need not re-read 2.5 GB per
+        # rank); the model keeps the shape the run started with.
+        saved_model = Checkpointer.read_state(resume_from)["config"]["model"]
+        cfg.model.representation_size = saved_model["representation_size"]
+    elif cfg.init.weights:
+        source = read_source(cfg.init.weights)
+        notes = adopt_source_shape(cfg, source)
     held: dict[str, Any] = {}
 
     def build(model_cfg):
@@ -172,10 +183,15 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
         rank = distributed.detect().rank
         if source is not None:
             report = fit_to_model(source, model, reset_head=cfg.init.reset_head, posemb_method=cfg.init.posemb_method)
-            held["init"] = {**report.as_dict(), "lines": report.lines() + [f"init: {n}" for n in notes]}
+            init = {**report.as_dict(), "lines": report.lines() + [f"init: {n}" for n in notes]}
             source.state.clear()  # the model holds the weights now; a ViT-H source is 2.5 GB per rank
-            for line in held["init"]["lines"]:
+            for line in init["lines"]:
                 say(rank, line)
+            if rank == 0:  # kept for the results table of this run, however often it is resumed
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / INIT_JSON, json.dumps(init, indent=1) + "\n")
+        elif resume_from is not None:
+            say(rank, f"init: resuming from {resume_from.name}; init.weights is not read again")
         else:
             say(rank, "init: random initialisation (init.weights is not set)")
         if cfg.init.linear_probe:
@@ -191,13 +207,14 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
     # ---------------------------------------------------------------- final evaluation
     env = distributed.detect()
     model = held["model"]
-    ema = bool(cfg.train.ema_decay) and use_ema_weights(model, Path(cfg.run.dir))
+    ema = bool(cfg.train.ema_decay) and use_ema_weights(model, run_dir)
     results = final_evaluation(cfg, model, env.rank, env.world_size)
     if env.rank == 0:
+        init = json.loads((run_dir / INIT_JSON).read_text()) if (run_dir / INIT_JSON).is_file() else None
         summary = {"run_dir": cfg.run.dir, "model": cfg.model.name, "img_size": cfg.model.img_size,
-                   "steps": final_step(Path(cfg.run.dir)), "weights": cfg.init.weights or "random init",
-                   "ema_weights": ema, "init": held.get("init"), "results": results}
-        write_results(Path(cfg.run.dir), summary)
+                   "steps": final_step(run_dir), "weights": cfg.init.weights or "random init",
+                   "ema_weights": ema, "init": init, "results": results}
+        write_results(run_dir, summary)
         print(results_markdown(summary), file=sys.stderr)
     return 0
 

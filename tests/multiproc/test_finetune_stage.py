@@ -136,6 +136,7 @@ def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, r
 
     log = finetune(run, shards, str(pretrained)).stderr
     assert f"resuming from {run / 'checkpoints'}" in log
+    assert "init.weights is not read again" in log and "init: export weights from" not in log
     a, b = scan(run / "checkpoints").newest, scan(reference / "checkpoints").newest
     assert a.name == b.name
     mine, ref = consolidated_state_dict(a), consolidated_state_dict(b)
@@ -143,6 +144,8 @@ def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, r
     ema_a, ema_b = Checkpointer.read_state(a)["ema"], Checkpointer.read_state(b)["ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_b)
     assert results(run)["results"] == results(reference)["results"]
+    # the start is reported as it happened, though the resumed process did not redo it
+    assert results(run)["init"]["lines"] == [l.replace(str(reference), str(run)) for l in results(reference)["init"]["lines"]]
     curve = lambda r: {m["step"]: m["last_loss"] for m in read_metrics(r)}
     assert curve(run) == curve(reference)
 
