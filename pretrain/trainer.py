@@ -155,6 +155,7 @@ class Trainer:
                     self._evaluate(step)
                 if stop_now or step == total_steps or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
                     self.hooks.save(step)
+                watchdog.beat(step)  # evaluation and saving are progress too
                 if stop_now:
                     return "stopped"
         finally:
