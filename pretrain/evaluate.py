@@ -101,13 +101,15 @@ def _forward_batches(model, loader, max_batches, desc):
     try:
         batches = loader if max_batches is None else itertools.islice(loader, max_batches)
         total = max_batches if max_batches is not None else _safe_len(loader)
-        with torch.no_grad():
-            for images, targets, valid, *ids in tqdm(batches, desc=desc, total=total, disable=not _is_main(),
-                                                     unit="batch", leave=False):
+        for images, targets, valid, *ids in tqdm(batches, desc=desc, total=total, disable=not _is_main(),
+                                                 unit="batch", leave=False):
+            # no_grad per batch, never across the yield: a consumer that stops early would
+            # otherwise leave gradients switched off for the whole process.
+            with torch.no_grad():
                 tokens = model.forward_features(images.to(device=device, dtype=dtype, non_blocking=True))
                 rep = model.forward_head(tokens, pre_logits=True).float().cpu()
                 logits = model.forward_head(tokens).float().cpu()
-                yield rep, logits, targets, valid.bool(), (ids[0] if ids else None)
+            yield rep, logits, targets, valid.bool(), (ids[0] if ids else None)
     finally:
         model.train(was_training)
 
