@@ -41,42 +41,53 @@ class RepeatBatch:
             yield self.batch
 
 
-def bare_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, threads: int) -> float:
-    """Seconds per step of the plain PyTorch loop (after one warm-up step)."""
-    torch.manual_seed(0)
-    torch.set_num_threads(threads)
-    model = build_model(model_cfg)
-    opt = build_optimizer(optim_cfg, model.named_parameters())
-    sched = build_scheduler(optim_cfg, opt, steps + 1)
-    loss_of = loss_fn("softmax", model_cfg.num_classes)
-    for step in range(steps + 1):
-        if step == 1:  # after one warm-up step, as ours
-            t0 = time.perf_counter()
-        loss = loss_of(model(images), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        sched.step()
-        loss.item()
-    return (time.perf_counter() - t0) / steps
+class BareLoop:
+    """The plain PyTorch loop: forward, loss, backward, clip, AdamW step, schedule step."""
+
+    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float):
+        torch.manual_seed(0)
+        self.model = build_model(model_cfg)
+        self.opt = build_optimizer(optim_cfg, self.model.named_parameters())
+        self.sched = build_scheduler(optim_cfg, self.opt, total_steps)
+        self.loss_of = loss_fn("softmax", model_cfg.num_classes)
+        self.images, self.targets, self.clip = images, targets, clip
+
+    def run(self, steps: int) -> None:
+        for _ in range(steps):
+            loss = self.loss_of(self.model(self.images), self.targets)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+            self.sched.step()
+            loss.item()
 
 
-def our_loop(model_cfg, optim_cfg, images, targets, steps: int, clip: float, run_dir: Path, threads: int, stage: int):
-    """Seconds per step of Trainer.fit over the DeepSpeed engine, and the engine."""
-    torch.manual_seed(0)
-    batch = images.shape[0]
-    ds_cfg = deepspeed_config(ZeroConfig(stage=stage), global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
-    engine = build_engine(build_model(model_cfg), ds_cfg, optim_cfg, steps + 1)
-    torch.set_num_threads(threads)  # DeepSpeed's CPU set-up may change it; both loops get the same
-    train_cfg = TrainConfig(steps=steps + 1, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
-                            optim=optim_cfg)
-    trainer = Trainer(engine, RepeatBatch(images, targets), train_cfg, num_classes=model_cfg.num_classes, rank=0,
-                      log=RunLog(run_dir, enabled=True, resume_step=0), hooks=Hooks(save=lambda step: None))
-    trainer.fit(0, 1, StopRequest(), Watchdog(0, 0))  # warm-up step, as in the bare loop
+class OurLoop:
+    """`Trainer.fit` over the DeepSpeed engine, run `steps` at a time."""
+
+    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, run_dir: Path, stage: int):
+        torch.manual_seed(0)
+        batch = images.shape[0]
+        ds_cfg = deepspeed_config(ZeroConfig(stage=stage), global_batch=batch, micro_batch=batch, grad_accum=1,
+                                  clip_grad=clip)
+        self.engine = build_engine(build_model(model_cfg), ds_cfg, optim_cfg, total_steps)
+        train_cfg = TrainConfig(steps=total_steps, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
+                                optim=optim_cfg)
+        self.trainer = Trainer(self.engine, RepeatBatch(images, targets), train_cfg, num_classes=model_cfg.num_classes,
+                               rank=0, log=RunLog(run_dir, enabled=True, resume_step=0),
+                               hooks=Hooks(save=lambda step: None))
+        self.step = 0
+
+    def run(self, steps: int) -> None:
+        self.trainer.fit(self.step, self.step + steps, StopRequest(), Watchdog(0, 0))
+        self.step += steps
+
+
+def timed(loop, steps: int) -> float:
     t0 = time.perf_counter()
-    trainer.fit(1, steps + 1, StopRequest(), Watchdog(0, 0))
-    return (time.perf_counter() - t0) / steps, engine
+    loop.run(steps)
+    return time.perf_counter() - t0
 
 
 def disk_bandwidth(folder: Path, nbytes: int) -> float:
@@ -100,7 +111,7 @@ def main() -> None:
     p.add_argument("--model", default="vit_s16")
     p.add_argument("--img", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per loop, in alternating rounds of 5")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine (0: no sharding)")
     args = p.parse_args()
@@ -112,10 +123,20 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.img, args.img, generator=g)
     targets = torch.randint(0, 100, (args.batch,), generator=g)
 
-    bare = bare_loop(model_cfg, optim_cfg, images, targets, args.steps, 1.0, args.threads)
+    rounds = max(args.steps // 5, 1)
+    total = rounds * 5 + 1
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        ours, engine = our_loop(model_cfg, optim_cfg, images, targets, args.steps, 1.0, Path(tmp), args.threads,
-                                args.stage)
+        bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0)
+        ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), args.stage)
+        torch.set_num_threads(args.threads)  # after DeepSpeed's CPU set-up: both loops get the same
+        bare_loop.run(1), ours_loop.run(1)  # warm-up
+        # Alternate rounds of 5 steps, so a change in the machine's load hits both loops alike.
+        bare_s = ours_s = 0.0
+        for _ in range(rounds):
+            bare_s += timed(bare_loop, 5)
+            ours_s += timed(ours_loop, 5)
+        bare, ours = bare_s / (rounds * 5), ours_s / (rounds * 5)
+        engine = ours_loop.engine
         ckpt = Checkpointer(Path(tmp) / "checkpoints", CheckpointConfig(keep=1), 0, 1)
         t0 = time.perf_counter()
         folder = ckpt.save(engine, 1, {"step": 1})
