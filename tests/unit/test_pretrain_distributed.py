@@ -7,6 +7,7 @@ from pretrain import distributed
 from pretrain.checkpoint import fingerprint_diff
 from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
 from pretrain.optim import OptimConfig, WarmupDecay
+from pretrain.signals import StopRequest
 from pretrain.trainer import TrainConfig, loss_fn
 from sharding.config_loader import ConfigError
 
@@ -83,3 +84,27 @@ def test_resume_fingerprint_allows_resources_but_not_recipe():
     saved = {"train": {"steps": 10, "optim": {"lr": 1e-3}}, "data": {"workers": 2, "path": "a"}, "zero": {"stage": 1}}
     now = {"train": {"steps": 20, "optim": {"lr": 2e-3}}, "data": {"workers": 8, "path": "a"}, "zero": {"stage": 2}}
     assert fingerprint_diff(saved, now, RESUMABLE_CHANGES) == ["train.optim.lr", "zero.stage"]
+
+
+def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom pretrain.signals import Watchdog\n"
+            "w = Watchdog(1.0, rank=3).start()\nw.beat(7)\ntime.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 85
+    assert "rank 3 made no progress" in p.stderr and "after step 7" in p.stderr
+
+
+def test_stop_request_records_the_signal_until_asked():
+    import os
+    import signal
+
+    stop = StopRequest().install()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.signum == signal.SIGUSR1
+    finally:
+        stop.uninstall()
