@@ -232,13 +232,18 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_resume_is_exact(stage, shards, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    opts = (f"zero.stage={stage}", "train.steps=4")
+    # EMA (whole weights on every rank) goes with stages <= 2; its state must resume exactly too.
+    opts = (f"zero.stage={stage}", "train.steps=4") + (("train.ema_decay=0.9",) if stage == 2 else ())
     launch(whole, shards, *opts)
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / "checkpoints" / "step-00000004")
     launch(cut, shards, *opts)  # new processes resume at step 2
     assert losses(cut) == losses(whole)
     assert_same_weights(final_weights(cut), final_weights(whole))
+    if stage == 2:
+        ema_cut, ema_whole = (consolidated_state_dict(scan(r / "checkpoints").newest, ema=True) for r in (cut, whole))
+        assert_same_weights(ema_cut, ema_whole)
+        assert not torch.equal(ema_cut["head.weight"], final_weights(cut)["head.weight"])  # an average, not a copy
     out = export(cut, tmp_path / "model.safetensors")
     weights, cfg = load_export(out)
     assert cfg["depth"] == 2 and weights["pos_embed"].shape == (1, 17, 64)
