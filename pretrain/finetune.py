@@ -12,7 +12,6 @@ end every held-out split is evaluated at the new resolution and `results.json` /
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -220,18 +219,11 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vit-finetune", description=__doc__.split("\n\n")[0],
-                                epilog="Example: vit-finetune configs/finetune/demo.yaml "
-                                       "init.weights=runs/demo data.path=shards run.dir=runs/demo_ft")
-    p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                   help="YAML config files (merged in order), then key=value overrides")
-    p.add_argument("--force", action="store_true",
-                   help="resume even when the model, data or recipe differ from the run directory's")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = p.parse_args(argv)
-    args.configs = [i for i in args.items if "=" not in i]
-    args.overrides = [i for i in args.items if "=" in i]
-    return args
+    from pretrain.train import parse_args as parse_training_args
+
+    return parse_training_args(argv, prog="vit-finetune", description=__doc__.split("\n\n")[0],
+                               example="vit-finetune configs/finetune/demo.yaml init.weights=runs/demo "
+                                       "data.path=shards run.dir=runs/demo_ft")
 
 
 @cli_entry

@@ -151,9 +151,10 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     return 0
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vit-pretrain", description=__doc__.split("\n\n")[0],
-                                epilog="Example: vit-pretrain configs/pretrain/demo.yaml data.path=shards run.dir=runs/demo")
+def parse_args(argv, *, prog: str = "vit-pretrain", description: str = __doc__.split("\n\n")[0],
+               example: str = "vit-pretrain configs/pretrain/demo.yaml data.path=shards run.dir=runs/demo"):
+    """The command line shared by the training stages: configs, overrides, --force."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=f"Example: {example}")
     p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                    help="YAML config files (merged in order), then key=value overrides")
     p.add_argument("--force", action="store_true",

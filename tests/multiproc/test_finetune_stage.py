@@ -42,12 +42,8 @@ def env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ft") / "shards"
-    p = subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)],
-                       env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return out
+def shards(digits_shards) -> Path:
+    return digits_shards
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
-                   capture_output=True, text=True)
-    return out
+def shards(digits_shards) -> Path:
+    return digits_shards
 
 
 def _free_port() -> int:

@@ -88,11 +88,8 @@ def launch(run_dir: Path, shards: Path, steps: int) -> tuple[int, float]:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)], check=True,
-                   capture_output=True, text=True)
-    return out
+def shards(digits_shards) -> Path:
+    return digits_shards
 
 
 @pytest.mark.slow

@@ -1,0 +1,19 @@
+"""Fixtures shared by every tier."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The embedded digits set converted by the real `vit-prep`, once per test session."""
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    p = subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
