@@ -38,9 +38,10 @@ munged --force --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/mun
     --pid-file="$STATE/run/munged.pid" --log-file="$STATE/log/munged.log" \
     --seed-file="$STATE/munge/munged.seed"
 
+# The core count from the system, not nproc: nproc obeys OMP_NUM_THREADS, which test runs set to 1.
 sed -e "s|@STATE@|$STATE|g" -e "s|@HOST@|$(hostname -s)|g" -e "s|@CTLD_PORT@|$PORT|g" \
     -e "s|@N1_PORT@|$((PORT + 1))|g" -e "s|@N2_PORT@|$((PORT + 2))|g" \
-    -e "s|@CPUS@|$(nproc)|g" -e "s|@GRACE@|${VITSCALE_SLURM_GRACE:-30}|g" \
+    -e "s|@CPUS@|$(getconf _NPROCESSORS_ONLN)|g" -e "s|@GRACE@|${VITSCALE_SLURM_GRACE:-30}|g" \
     "$HERE/slurm.conf.in" > "$SLURM_CONF"
 echo "export SLURM_CONF=$SLURM_CONF" > "$STATE/env.sh"
 
