@@ -138,6 +138,20 @@ def init_process_group(dist_env: DistEnv, timeout_s: float) -> None:
     )
 
 
+def shutdown() -> None:
+    """Leave the process group in step with the other ranks, before the interpreter exits.
+
+    Left to interpreter teardown, the communication threads are destroyed in arbitrary
+    order and a rank can abort (SIGABRT, "terminate called without an active exception")
+    after its work is done, which a launcher reports as a failed job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_flags(*flags: bool | float) -> list[float]:
     """Element-wise max of small per-rank flags, so every rank takes the same decision."""
     import torch.distributed as dist

@@ -464,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out / f"{stem}.md", _markdown(results, header))
         print(_markdown(results, header))
         print(f"wrote {out / stem}.json and .md")
+    distributed.shutdown()
     return 0
 
 

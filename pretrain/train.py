@@ -144,6 +144,7 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
         watchdog.stop()
         stop.uninstall()
         log.close()
+    distributed.shutdown()
     if outcome == "stopped":
         say(rank, f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint saved, exiting {EXIT_REQUEUE}")
         return EXIT_REQUEUE
