@@ -8,6 +8,9 @@ the trainer is measured). Then a checkpoint save is timed against writing the sa
 number of bytes with fsync: the disk's bandwidth measured in the same run.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30]
+                                          [--device cpu|cuda]
+
+On a GPU both loops run fp32 with TF32 matrix products, on a batch already on the device.
 
 Prints the throughput ratio (ours / bare) last. Timings on a shared machine are noisy;
 the ratio, measured in one process, is what counts.
@@ -46,7 +49,7 @@ class BareLoop:
 
     def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float):
         torch.manual_seed(0)
-        self.model = build_model(model_cfg)
+        self.model = build_model(model_cfg).to(images.device)
         self.opt = build_optimizer(optim_cfg, self.model.named_parameters())
         self.sched = build_scheduler(optim_cfg, self.opt, total_steps)
         self.loss_of = loss_fn("softmax", model_cfg.num_classes)
@@ -66,11 +69,11 @@ class BareLoop:
 class OurLoop:
     """`Trainer.fit` over the DeepSpeed engine, run `steps` at a time."""
 
-    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, run_dir: Path, stage: int):
+    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, run_dir: Path,
+                 zero: ZeroConfig):
         torch.manual_seed(0)
         batch = images.shape[0]
-        ds_cfg = deepspeed_config(ZeroConfig(stage=stage), global_batch=batch, micro_batch=batch, grad_accum=1,
-                                  clip_grad=clip)
+        ds_cfg = deepspeed_config(zero, global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
         self.engine = build_engine(build_model(model_cfg), ds_cfg, optim_cfg, total_steps)
         train_cfg = TrainConfig(steps=total_steps, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
                                 optim=optim_cfg)
@@ -85,8 +88,11 @@ class OurLoop:
 
 
 def timed(loop, steps: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     loop.run(steps)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -114,20 +120,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per loop, in alternating rounds of 5")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine (0: no sharding)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda needs the GPU DeepSpeed places the engine on")
+    p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
     args = p.parse_args()
+    zero = ZeroConfig(stage=args.stage)
+    for item in args.zero:
+        key, value = item.split("=", 1)
+        default = getattr(zero, key)
+        setattr(zero, key, value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value))
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
     distributed.init_process_group(distributed.detect(), 600)
 
     model_cfg = model_config(args.model, img_size=args.img, num_classes=100)
     optim_cfg = OptimConfig(lr=1e-3, weight_decay=0.03, warmup_steps=5)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(args.batch, 3, args.img, args.img, generator=g)
-    targets = torch.randint(0, 100, (args.batch,), generator=g)
+    images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
+    targets = torch.randint(0, 100, (args.batch,), generator=g).to(device)
 
     rounds = max(args.steps // 5, 1)
     total = rounds * 5 + 1
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0)
-        ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), args.stage)
+        ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
         torch.set_num_threads(args.threads)  # after DeepSpeed's CPU set-up: both loops get the same
         bare_loop.run(1), ours_loop.run(1)  # warm-up
         # Alternate rounds of 5 steps, so a change in the machine's load hits both loops alike.
@@ -145,8 +162,9 @@ def main() -> None:
         bandwidth = disk_bandwidth(Path(tmp), nbytes)
 
     params = sum(p.numel() for p in engine.module.parameters())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
-          f"{args.threads} threads, ZeRO stage {args.stage}")
+          f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}")
     print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s")
     print(f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s")
     print(f"checkpoint save   : {nbytes / 1e6:.0f} MB in {save_s:.2f} s = {nbytes / save_s / 1e6:.0f} MB/s; "

@@ -108,18 +108,26 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_skips = 0
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float | None:
-        """One optimizer step over the rank's batch; None when every rank skipped it (non-finite)."""
-        losses = []
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, stop: StopRequest) -> tuple[float | None, bool]:
+        """One optimizer step over the rank's batch: (mean loss, whether any rank asked to stop).
+
+        The loss is None when every rank skipped the batch (non-finite loss on one of them).
+        The loss is read once, before backward (the one host sync a step needs), and the
+        non-finite and stop flags travel in one collective, so the ranks agree on both.
+        """
+        losses, stop_now = [], False
         device = self.engine.device
         for x, y in zip(images.chunk(self.cfg.grad_accum), targets.chunk(self.cfg.grad_accum)):
             loss = self.loss(self.engine(x.to(device, self.dtype, non_blocking=True)), y.to(device))
-            if all_reduce_flags(not math.isfinite(loss.item()))[0]:
-                return None
+            value = loss.item()
+            nonfinite, stop_flag = all_reduce_flags(not math.isfinite(value), stop.requested)
+            stop_now = stop_now or stop_flag > 0
+            if nonfinite:
+                return None, stop_now
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.item())
-        return sum(losses) / len(losses)
+            losses.append(value)
+        return sum(losses) / len(losses), stop_now
 
     def fit(self, start_step: int, total_steps: int, stop: StopRequest, watchdog: Watchdog) -> str:
         """Train steps start_step+1 .. total_steps; returns 'done' or 'stopped' (a signal)."""
@@ -134,7 +142,7 @@ class Trainer:
                     images, targets = next(batches)
                 t_data = time.perf_counter()
                 lr = self.engine.get_lr()[0]  # the rate this step uses
-                loss = self.train_step(images, targets)
+                loss, stop_now = self.train_step(images, targets, stop)
                 if loss is None:
                     self._skip_nonfinite(step + 1)
                     continue
@@ -150,7 +158,6 @@ class Trainer:
                 bar.update(1)
                 if step % self.cfg.log_every == 0 or step == total_steps:
                     self._log(step, window, bar)
-                stop_now = all_reduce_flags(stop.requested)[0] > 0
                 if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps:
                     self._evaluate(step)
                 if stop_now or step == total_steps or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/PERFORMANCE.md in one run (about 6 minutes on one H100/H200):
+# model speed and bf16 MFU of ViT-B/16 and ViT-H/14 against timm, then the trainer's
+# step against a bare loop (fp32 with TF32) for ViT-B/16 without and with ZeRO-1 and for
+# ViT-H/14 with ZeRO-1.
+#
+#     bash benchmarks/gpu_suite.sh 2>&1 | tee gpu.log
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
+if [ "${SKIP_MODEL_SPEED:-0}" != 1 ]; then
+    python3 benchmarks/model_speed.py --device cuda --bf16 --models vit_b16 --batch 256 --rounds 5 --steps 5 --warmup 3
+    python3 benchmarks/model_speed.py --device cuda --bf16 --models vit_h14 --batch 64 --rounds 5 --steps 3 --warmup 2
+fi
+for stage in 0 1; do
+    python3 benchmarks/trainer_overhead.py --device cuda --model vit_b16 --img 224 --batch 128 --steps 30 --stage "$stage"
+done
+python3 benchmarks/trainer_overhead.py --device cuda --model vit_h14 --img 224 --batch 32 --steps 20 --stage 1
