@@ -164,6 +164,21 @@ def all_reduce_flags(*flags: bool | float) -> list[float]:
     return t.cpu().tolist()
 
 
+def sum_counters(counters: Mapping[str, int]) -> dict[str, int]:
+    """Per-key sums of every rank's counters (ranks may hold different keys); all ranks must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(counters)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counters))
+    total: dict[str, int] = {}
+    for per_rank in gathered:
+        for key, value in per_rank.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain.distributed import all_reduce_flags
+from pretrain.distributed import all_reduce_flags, sum_counters
 from pretrain.engine import input_dtype
 from pretrain.optim import OptimConfig
 from pretrain.run_log import RunLog
@@ -188,7 +188,8 @@ class Trainer:
         stats = window.flush()
         stats["samples_seen"] = self.samples_seen
         stats["nonfinite_skips"] = self.nonfinite_skips
-        stats.update({f"data_{k}": v for k, v in getattr(self.loader, "counters", dict)().items()})
+        # Substituted samples of the whole job, not rank 0's alone (every rank logs at this step).
+        stats.update({f"data_{k}": v for k, v in sum_counters(getattr(self.loader, "counters", dict)()).items()})
         if self.peak and self.flops_per_image:
             world = self.engine.world_size
             stats["mfu"] = 3 * self.flops_per_image * stats["images_per_s"] / (self.peak * world)
