@@ -43,6 +43,7 @@ class DataConfig:
     eval_split: str = "val"  # split used by periodic evaluation
     shards_url: Optional[str] = None  # fsspec URL holding the shard tars (s3://, gs://, https://); None: path/shards
     cache_dir: Optional[str] = None  # per-node folder caching remote shards; None: read remote shards directly
+    cache_max_gb: float = 0.0  # size bound of cache_dir, least recently opened shards evicted first; 0: no bound
     workers: int = 2  # loader processes per rank (0: decode in the training process); must divide stream_cycle
     prefetch: int = 2  # batches each loader process prepares ahead
     shuffle_buffer: int = 1024  # samples held by each partition's shuffle buffer
@@ -82,7 +83,7 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     urls = [f"{base}/{fmt.shard_path(split, s.index)}" if base else s.path for s in shards]
     return SplitSource(
         source=ShardSource(urls, cfg.cache_dir, index=ShardIndex(cfg.path, split, [s.name for s in shards]),
-                           verify=cfg.verify_samples),
+                           verify=cfg.verify_samples, cache_max_bytes=int(cfg.cache_max_gb * 1e9)),
         counts=[int(s.num_samples) for s in shards],
         num_classes=int(ds.num_classes),
         multi_label=ds.label_kind == "multi",

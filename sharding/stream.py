@@ -83,20 +83,45 @@ class ShardIndex:
         return ShardRows(np.asarray(cols["sample_offset"], dtype=np.int64), cols["key"], cols["sha256"])
 
 
+def evict_least_recent(folder: Path, max_bytes: int, keep: Path) -> None:
+    """Delete the least recently used cached shards (oldest mtime first) until the folder's
+    shards total at most `max_bytes`; `keep`, the shard just fetched, always stays."""
+    entries = []
+    for path in folder.iterdir():
+        if path.name.startswith("."):  # another worker's copy in progress
+            continue
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # evicted by another worker meanwhile
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+
+
 class ShardSource:
     """Opens shards by URL: local paths directly, anything else through fsspec.
 
     With `cache_dir`, a remote shard is first copied whole into that per-node folder (temp
     file, fsync, rename: concurrent workers may race, the last identical copy wins) and read
-    from there, so a shard read by several readers on a node crosses the network once.
+    from there, so a shard read by several readers on a node crosses the network once. With
+    `cache_max_bytes`, each new copy evicts the least recently opened shards beyond that size
+    (a reader that has a shard open keeps reading it: POSIX unlinks only the name).
     With `index`, readers seek straight to a sample and, if `verify`, check each sample's key
     and JPEG digest against the index.
     """
 
     def __init__(self, urls: Sequence[str], cache_dir: str | None = None, index: ShardIndex | None = None,
-                 verify: bool = True):  # fmt: skip
+                 verify: bool = True, cache_max_bytes: int = 0):  # fmt: skip
         self.urls = list(urls)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_max_bytes = cache_max_bytes
         self.index, self.verify = index, verify
 
     def name(self, shard: int) -> str:
@@ -123,6 +148,10 @@ class ShardSource:
                 os.fsync(dst.fileno())
             os.replace(tmp, cached)
             fsync_dir(self.cache_dir)
+            if self.cache_max_bytes:
+                evict_least_recent(self.cache_dir, self.cache_max_bytes, keep=cached)
+        else:
+            os.utime(cached)  # mtime = last opened, the order eviction goes by
         return open(cached, "rb", buffering=1 << 20)
 
     def read_run(self, shard: int, first: int, count: int, rows: ShardRows | None) -> Iterator[ShardSample | str]:

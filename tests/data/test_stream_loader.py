@@ -19,7 +19,7 @@ import torch
 
 from pretrain.data import DataConfig, build_eval_loader, build_train_loader
 from sharding.plan import EpochPlan, StreamLayout
-from sharding.stream import StreamError
+from sharding.stream import StreamError, evict_least_recent
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stream_dataset import exclude, sample_ids, write_dataset  # noqa: E402
@@ -231,6 +231,29 @@ def test_remote_shards_over_http_with_and_without_node_cache(dataset, http_root,
     assert files and all(f.endswith(".tar") for f in files) and len(files) <= len(TRAIN)
     direct, _, _ = take(DataConfig(**{**data_cfg(dataset, shards_url=http_root).__dict__, "workers": 0}), 3)
     assert [t.tolist() for _, t in direct] == [t.tolist() for _, t in local[:3]]
+
+
+def test_bounded_node_cache_evicts_and_still_yields_the_same_batches(dataset, http_root, tmp_path):
+    sizes = sorted(p.stat().st_size for p in Path(dataset).rglob("train-*.tar"))
+    bound = sizes[-1] + sizes[-2]  # room for about two shards of the ten
+    local, _, _ = take(data_cfg(dataset), 8)
+    cache = tmp_path / "cache"
+    cached, _, _ = take(data_cfg(dataset, shards_url=http_root, cache_dir=str(cache), cache_max_gb=bound / 1e9), 8)
+    assert [torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(local, cached)] == [True] * 8
+    kept = [p for p in cache.iterdir() if p.name.endswith(".tar")]
+    # Two workers fetch concurrently: one may add its shard just after the other evicted.
+    assert 1 <= len(kept) < len(TRAIN) and sum(p.stat().st_size for p in kept) <= bound + sizes[-1]
+
+
+def test_eviction_goes_by_last_use_and_keeps_the_new_shard(tmp_path):
+    for age, name in enumerate(["new.tar", "recent.tar", "old.tar", "oldest.tar"]):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (1_000_000 - age * 10, 1_000_000 - age * 10))
+    (tmp_path / ".partial.tmp").write_bytes(b"x" * 100)  # another worker's download: never touched
+    evict_least_recent(tmp_path, 250, keep=tmp_path / "new.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial.tmp", "new.tar", "recent.tar"]
+    evict_least_recent(tmp_path, 50, keep=tmp_path / "new.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".partial.tmp", "new.tar"]
 
 
 def test_eval_loader_yields_every_sample_once_across_ranks(dataset):
