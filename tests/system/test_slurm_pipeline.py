@@ -41,10 +41,10 @@ def test_pipeline_runs_every_stage_like_by_hand(slurm_cluster, runs, digits_shar
                                                 finetune_by_hand, tmp_path):
     work = tmp_path / "work"
     pipeline = {"vars": {"work": str(work)}, "stages": [
-        # Array tasks one at a time: a starting convert task removes every temp file in the
-        # output folder (remove_stale_temps), including those a sibling task is writing.
+        # Both array tasks at once, writing into one output folder: a starting task removes
+        # only the temp files of dead writers, never those of a sibling still running.
         {"stage": "prep", "configs": [str(REPO / "configs" / "prep" / "digits.yaml")],
-         "overrides": ["output=${vars.work}/shards", "slurm.array_parallel=1"]},
+         "overrides": ["output=${vars.work}/shards"]},
         {"stage": "pretrain", "configs": [str(runs.pretrain_demo)],
          "overrides": ["data.path=${vars.work}/shards", "run.dir=${vars.work}/pretrain", *runs.tiny_pretrain, *SLURM]},
         {"stage": "finetune", "configs": [str(FINETUNE_DEMO)],
