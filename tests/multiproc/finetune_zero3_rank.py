@@ -10,6 +10,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from pretrain import distributed
 from pretrain.model import build_model, create_model, model_config
 from pretrain.posemb import resample_posemb
 from pretrain.starting_weights import Source, fit_to_model
@@ -40,8 +41,8 @@ def main() -> int:
         want = resample_posemb(v, (8, 8)) if k == "pos_embed" else v
         assert torch.equal(got[k], want), f"rank {rank}: {k} differs"
     assert got["head.weight"].shape == (7, 64) and not got["head.weight"].any()
-    dist.barrier()
-    print(f"rank {rank}: ok")
+    print(f"rank {rank}: ok", flush=True)
+    distributed.shutdown()  # leave the group before exit, as the training stages do
     return 0
 
 

@@ -19,6 +19,7 @@ import pytest
 SCRIPT = r'''
 import json, math, os, sys
 import deepspeed, torch
+from pretrain import distributed
 from pretrain.model import create_model
 
 deepspeed.init_distributed(dist_backend="gloo")
@@ -43,6 +44,7 @@ with deepspeed.zero.GatheredParameters(list(params.values())):
     }
 if torch.distributed.get_rank() == 0:
     print("STATS " + json.dumps(stats), flush=True)
+distributed.shutdown()  # leave the group before exit, as the training stages do
 '''
 
 
