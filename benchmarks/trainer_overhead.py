@@ -33,6 +33,7 @@ from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
 from pretrain.run_log import RunLog
 from pretrain.signals import StopRequest, Watchdog
 from pretrain.trainer import Hooks, TrainConfig, Trainer, loss_fn
+from sharding.config_loader import load_config
 
 
 class RepeatBatch:
@@ -125,11 +126,7 @@ def main() -> None:
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
                    help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
     args = p.parse_args()
-    zero = ZeroConfig(stage=args.stage)
-    for item in args.zero:
-        key, value = item.split("=", 1)
-        default = getattr(zero, key)
-        setattr(zero, key, value.lower() in ("1", "true") if isinstance(default, bool) else type(default)(value))
+    zero = load_config(ZeroConfig, overrides=[f"stage={args.stage}", *args.zero])
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
     distributed.init_process_group(distributed.detect(), 600)

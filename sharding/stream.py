@@ -139,20 +139,23 @@ class ShardSource:
         if self.cache_dir is None:
             return fsspec.open(url, "rb", block_size=1 << 22).open()
         cached = self.cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()[:12]}-{self.name(shard)}"
-        if not cached.exists():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
-            with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, cached)
-            fsync_dir(self.cache_dir)
-            if self.cache_max_bytes:
-                evict_least_recent(self.cache_dir, self.cache_max_bytes, keep=cached)
-        else:
+        try:
             os.utime(cached)  # mtime = last opened, the order eviction goes by
-        return open(cached, "rb", buffering=1 << 20)
+            return open(cached, "rb", buffering=1 << 20)
+        except FileNotFoundError:  # not cached yet, or evicted by another worker just now
+            pass
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
+        with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, cached)
+        fsync_dir(self.cache_dir)
+        f = open(cached, "rb", buffering=1 << 20)  # opened before any eviction can remove the name
+        if self.cache_max_bytes:
+            evict_least_recent(self.cache_dir, self.cache_max_bytes, keep=cached)
+        return f
 
     def read_run(self, shard: int, first: int, count: int, rows: ShardRows | None) -> Iterator[ShardSample | str]:
         """Samples first..first+count-1 of a shard in order; an unusable one as its reason.
