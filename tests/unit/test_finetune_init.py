@@ -145,6 +145,15 @@ def test_interpolated_posemb_keeps_accuracy_at_twice_the_resolution(pretrained_1
         torch.manual_seed(1)
         reinit.pos_embed.normal_(std=model.pos_embed.std().item())
     results["reinit"] = top1(reinit, x32[test], y[test])
+    # For the record (docs/FINETUNE.md), not asserted: position information removed outright
+    # (every patch gets the mean interpolated embedding) and scrambled (a random permutation).
+    for name, scramble in (("mean", lambda e: e.mean(1, keepdim=True).expand_as(e)),
+                           ("permuted", lambda e: e[:, torch.randperm(e.shape[1], generator=torch.Generator().manual_seed(0))])):
+        probe = tiny(img_size=32)
+        fit_to_model(source_of(model), probe, reset_head=False)
+        with torch.no_grad():
+            probe.pos_embed[:, 1:] = scramble(probe.pos_embed[:, 1:].clone())
+        results[name] = top1(probe, x32[test], y[test])
     print(f"top-1 at 16 px {acc_r:.3f}; at 32 px: {results}")
     assert results["bicubic"] >= 0.7 * acc_r and results["linear"] >= 0.7 * acc_r, results
     # "About chance" needs a model that cannot read digits from unordered patches; this tiny one
