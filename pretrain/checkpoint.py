@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pretrain.distributed import barrier
-from sharding.atomic import atomic_open, atomic_write_text, fsync_dir, remove_stale_temps
+from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from sharding.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -86,15 +86,30 @@ def _listing(folder: Path) -> dict[str, int]:
     }
 
 
-def _fsync_files(folder: Path, owner: int, world_size: int) -> None:
-    """fsync a share of the folder's files (split by rank, so large saves flush in parallel)."""
-    for i, p in enumerate(sorted(q for q in folder.iterdir() if q.is_file())):
-        if i % world_size == owner:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+class _AtomicSaves:
+    """DeepSpeed's torch checkpoint engine, but every file goes through `atomic_open`.
+
+    DeepSpeed writes its shards without fsync. Flushing them afterwards from a listing of the
+    folder races with ranks still writing (and on shared storage a rank only flushes what its
+    own node wrote), so each writer flushes its own files as it writes them.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def save(self, state_dict, path: str) -> None:
+        with atomic_open(path) as f:
+            self.inner.save(state_dict, f)  # torch.save takes a file as well as a path
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _write_atomically(engine) -> None:
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
+        engine.checkpoint_engine = _AtomicSaves(engine.checkpoint_engine)
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -172,17 +187,15 @@ class Checkpointer:
         barrier()
         # ZeRO-1/2 checkpoints need this marker for the universal (other world size) conversion.
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2}}
+        _write_atomically(engine)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
         with atomic_open(folder / f"rng-rank{self.rank:05d}.pt") as f:
             torch.save(rng_state(), f)
         if self.rank == 0:
             with atomic_open(folder / STATE_FILE) as f:
                 torch.save({**state, "world_size": self.world_size}, f)
-        # DeepSpeed writes without fsync: flush this rank's files before the manifest vouches for them.
-        _fsync_files(folder, owner=self.rank, world_size=self.world_size)
-        barrier()
+        barrier()  # every rank's files are on disk before the manifest vouches for them
         if self.rank == 0:
-            fsync_dir(folder)
             write_manifest(folder, step)
             atomic_write_text(self.root / "latest", tag + "\n")
             self._prune()
