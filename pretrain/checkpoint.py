@@ -6,7 +6,8 @@ samples seen, world size, data stream position, config fingerprint, EMA) and, wr
 last by rank 0 after every rank has finished, `manifest.json` listing every file with its
 size. A folder without a manifest that matches the files on disk is incomplete (a kill
 mid-save) and is never resumed from. `checkpoints/latest` names the newest complete one and
-is replaced by atomic rename.
+is replaced by atomic rename. How the files are written (by their own rank, fsync'd, maybe
+in the background) is `checkpoint_writes`'s job.
 
 Resuming on another world size goes through DeepSpeed's universal checkpoint: the folder
 is converted once (`universal/` inside it, guarded by its own marker) and loaded with
@@ -16,9 +17,9 @@ over.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import random
 import re
 import shutil
@@ -29,8 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.distributed import barrier
-from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from pretrain.checkpoint_writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
+from pretrain.distributed import all_reduce_flags, barrier
+from sharding.atomic import atomic_write_text, remove_stale_temps
 from sharding.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -44,6 +46,9 @@ class CheckpointConfig:
     every: int = 1000  # save every N optimizer steps (0: only at the end and on a signal)
     keep: int = 3  # complete checkpoints kept; older ones are deleted after a new one completes
     resume: bool = True  # resume from the newest complete checkpoint in the run directory
+    # Write in a background thread: a step boundary then waits only for a host copy of the
+    # state (one save in flight; the save before a stop or at the end is always waited for).
+    async_save: bool = False
 
 
 def tag_for(step: int) -> str:
@@ -84,32 +89,6 @@ def _listing(folder: Path) -> dict[str, int]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST and not p.relative_to(folder).parts[0] == UNIVERSAL_DIR
     }
-
-
-class _AtomicSaves:
-    """DeepSpeed's torch checkpoint engine, but every file goes through `atomic_open`.
-
-    DeepSpeed writes its shards without fsync. Flushing them afterwards from a listing of the
-    folder races with ranks still writing (and on shared storage a rank only flushes what its
-    own node wrote), so each writer flushes its own files as it writes them.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def save(self, state_dict, path: str) -> None:
-        with atomic_open(path) as f:
-            self.inner.save(state_dict, f)  # torch.save takes a file as well as a path
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-
-def _write_atomically(engine) -> None:
-    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-
-    if isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
-        engine.checkpoint_engine = _AtomicSaves(engine.checkpoint_engine)
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -163,6 +142,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, world_size: int):
         self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
+        self.pending: BackgroundWrite | None = None  # a save still being written
 
     def clean_incomplete(self) -> dict[Path, str]:
         """Delete interrupted saves (reported), so a re-save of the same step starts clean."""
@@ -176,31 +156,59 @@ class Checkpointer:
         barrier()
         return found.incomplete
 
-    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
-        """Collective: DeepSpeed's shards, RNG per rank, our state, then the manifest."""
+    def save(self, engine, step: int, state: dict[str, Any], *, final: bool = True) -> Path:
+        """Collective: DeepSpeed's shards, RNG per rank, our state, then the manifest.
+
+        With `checkpoint.async_save` and not `final`, this returns once the state is copied
+        to host memory; a thread writes the files and the next `save` or `finish` writes the
+        manifest. A `final` save (before a stop, at the end) is on disk when this returns.
+        """
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
 
+        self.finish()  # one save in flight at most
         tag = tag_for(step)
         folder = self.root / tag
         if self.rank == 0 and folder.exists():  # left by a run that died while saving this step
             shutil.rmtree(folder)
         barrier()
+        background = self.cfg.async_save and not final
+        captured: list[PendingFile] = []
+        writes = route_writes(engine)
         # ZeRO-1/2 checkpoints need this marker for the universal (other world size) conversion.
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2}}
-        _write_atomically(engine)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
-        with atomic_open(folder / f"rng-rank{self.rank:05d}.pt") as f:
-            torch.save(rng_state(), f)
+        with writes.capturing(captured) if background else contextlib.nullcontext():
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
+        ours = [PendingFile(folder / f"rng-rank{self.rank:05d}.pt", rng_state())]
         if self.rank == 0:
-            with atomic_open(folder / STATE_FILE) as f:
-                torch.save({**state, "world_size": self.world_size}, f)
+            ours.append(PendingFile(folder / STATE_FILE, {**state, "world_size": self.world_size}))
+        if background:
+            captured += [dataclasses.replace(f, obj=host_copy(f.obj)) for f in ours]
+            self.pending = BackgroundWrite(folder, step, captured)
+            return folder
+        for f in ours:
+            write_file(f.path, f.obj)
+        self._commit(folder, step)
+        return folder
+
+    def finish(self) -> Path | None:
+        """Collective: wait for the save in flight and vouch for it; its folder, or None."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        error = pending.wait()
+        if all_reduce_flags(error is not None)[0]:
+            where = f"on rank {self.rank}: {error}" if error else "on another rank"
+            raise UserError(f"{pending.folder}: writing the checkpoint failed {where}")
+        self._commit(pending.folder, pending.step)
+        return pending.folder
+
+    def _commit(self, folder: Path, step: int) -> None:
         barrier()  # every rank's files are on disk before the manifest vouches for them
         if self.rank == 0:
             write_manifest(folder, step)
-            atomic_write_text(self.root / "latest", tag + "\n")
+            atomic_write_text(self.root / "latest", folder.name + "\n")
             self._prune()
         barrier()
-        return folder
 
     def _prune(self) -> None:
         complete = scan(self.root).complete

@@ -120,13 +120,16 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     log = RunLog(run_dir, enabled=rank == 0, resume_step=start_step)
     resolved = _resolved(cfg)
 
-    def save(step: int) -> None:
+    def save(step: int, final: bool) -> None:
         state = {"step": step, "samples_seen": trainer.samples_seen, "nonfinite_skips": trainer.nonfinite_skips,
                  "data": loader.state_dict(), "config": resolved, "dataset_digest": digest}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        folder = checkpointer.save(engine, step, state)
-        say(rank, f"saved {folder}")
+        finished = checkpointer.finish()
+        if finished:
+            say(rank, f"saved {finished}")
+        folder = checkpointer.save(engine, step, state, final=final)
+        say(rank, f"writing {folder} in the background" if checkpointer.pending else f"saved {folder}")
 
     evaluate = build_evaluator(cfg.eval, cfg.data, engine.module, img_size=cfg.model.img_size,
                                num_classes=dataset.num_classes, multi_label=dataset.label_kind == "multi",

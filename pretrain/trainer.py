@@ -92,7 +92,7 @@ class Ema:
 class Hooks:
     """What happens at step boundaries; each returns nothing and is collective."""
 
-    save: Callable[[int], Any]  # save a checkpoint of step s
+    save: Callable[[int, bool], Any]  # save a checkpoint of step s; final: the last before exiting
     evaluate: Callable[[int], dict] | None = None  # evaluation results at step s (logged)
     checkpoint_every: int = 0
     eval_every: int = 0
@@ -160,8 +160,9 @@ class Trainer:
                     self._log(step, window, bar)
                 if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps:
                     self._evaluate(step)
-                if stop_now or step == total_steps or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
-                    self.hooks.save(step)
+                final = stop_now or step == total_steps
+                if final or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
+                    self.hooks.save(step, final)
                 watchdog.beat(step)  # evaluation and saving are progress too
                 if stop_now:
                     return "stopped"

@@ -1,10 +1,11 @@
-"""A checkpoint save over 2 real DeepSpeed ZeRO-1 ranks (gloo) flushes every file it vouches for.
+"""Checkpoint saves over 2 real DeepSpeed ZeRO-1 ranks (gloo): what the manifest vouches for
+is on disk, and a background save writes the state of its step, not a later one.
 
-The manifest may only list files that reached the disk. Rank 1 is made late with its own
-files (it sleeps before writing its RNG state), so rank 0 reaches the flush while rank 1 is
-still writing: whatever the timing, every file of the manifest must have been fsync'd by a
-rank, and no temporary file may be left behind. Each rank records the files it fsync'd by
-wrapping `os.fsync` (the flush itself still happens).
+Each rank records the files it fsync'd by wrapping `os.fsync` (the flush itself still
+happens). In the `late` run, rank 1 sleeps before writing its RNG state, so rank 0 reaches
+the flush while rank 1 is still writing. In the `background` run, `checkpoint.async_save`
+is on, the writer thread starts a second late, and both ranks take another optimizer step
+(which updates weights and Adam state in place) before the save is finished.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RANK_PROGRAM = """
 import json, os, sys, time
 import deepspeed, torch, torch.distributed as dist
-from pretrain import checkpoint, distributed
+from pretrain import checkpoint, checkpoint_writes, distributed
 
+root, mode = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 flushed, real_fsync = [], os.fsync
@@ -28,22 +32,39 @@ def recording_fsync(fd):
     flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
     real_fsync(fd)
 os.fsync = recording_fsync
-if rank == 1:
-    real_rng_state = checkpoint.rng_state
-    def late_rng_state():
+def late(function):
+    def wrapper(*args, **kwargs):
         time.sleep(1.0)
-        return real_rng_state()
-    checkpoint.rng_state = late_rng_state
+        return function(*args, **kwargs)
+    return wrapper
+if mode == "late" and rank == 1:
+    checkpoint.rng_state = late(checkpoint.rng_state)
+if mode == "background":
+    checkpoint_writes.write_file = late(checkpoint_writes.write_file)  # the writer thread's
 
 torch.manual_seed(0)
 model = torch.nn.Linear(8, 4)
 config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 1},
           "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
 engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
-engine.backward(engine(torch.randn(1, 8)).square().mean())
-engine.step()
-saver = checkpoint.Checkpointer(sys.argv[1], checkpoint.CheckpointConfig(), rank, 2)
-saver.save(engine, 1, {"step": 1})
+def train_step():
+    engine.backward(engine(torch.randn(1, 8)).square().mean())
+    engine.step()
+train_step()
+saver = checkpoint.Checkpointer(root, checkpoint.CheckpointConfig(async_save=mode == "background"), rank, 2)
+weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+master = [t.clone() for t in engine.optimizer.single_partition_of_fp32_groups]
+folder = saver.save(engine, 1, {"step": 1}, final=mode != "background")
+if mode == "background":
+    assert saver.pending is not None and not (folder / "manifest.json").exists()
+    train_step()
+    assert not torch.equal(engine.module.weight, weights["weight"]), "the step changed nothing"
+    assert saver.finish() == folder
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(saved[k], v) for k, v in weights.items()), "weights of a later step were saved"
+    optim = torch.load(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+    saved_master = optim["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+    assert all(torch.equal(a, b) for a, b in zip(saved_master, master)), "master weights of a later step were saved"
 distributed.shutdown()
 print(json.dumps(flushed))
 """
@@ -58,12 +79,13 @@ def _final_name(path: str) -> str:
     return found["name"] if found else name
 
 
-def test_every_manifest_file_is_flushed_and_no_temp_is_left(tmp_path):
+@pytest.mark.parametrize("mode", ["late", "background"])
+def test_every_manifest_file_is_flushed_and_holds_its_step(tmp_path, mode):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     root = tmp_path / "checkpoints"
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_PROGRAM, str(root)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_PROGRAM, str(root), mode], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                    "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -78,3 +100,4 @@ def test_every_manifest_file_is_flushed_and_no_temp_is_left(tmp_path):
     flushed = {_final_name(p) for out, _ in outputs for p in json.loads(out.strip().splitlines()[-1])}
     assert set(manifest) <= flushed, f"listed in the manifest but never fsync'd: {sorted(set(manifest) - flushed)}"
     assert not [p.name for p in folder.iterdir() if TEMP.match(p.name)]
+    assert (root / "latest").read_text().strip() == folder.name

@@ -102,9 +102,9 @@ def saving_now(run_dir: Path) -> bool:
     return root.is_dir() and any(p.is_dir() and not (p / "manifest.json").exists() for p in root.glob("step-*"))
 
 
-def run_until(run_dir: Path, shards: Path, event: tuple[str, int]) -> str:
+def run_until(run_dir: Path, shards: Path, event: tuple[str, int], *extra: str) -> str:
     """Start a run and SIGKILL every rank when `event` happens; returns what the run was doing then."""
-    procs = start(run_dir, shards)
+    procs = start(run_dir, shards, *extra)
     log = run_dir.parent / f"{run_dir.name}.log"
     kind, value = event
     try:
@@ -162,13 +162,23 @@ def test_uninterrupted_run_learns_and_keeps_its_contract(reference):
     assert (reference / "config.yaml").is_file() and (reference / "tb").is_dir()
 
 
-def test_kill9_at_random_points_then_resume_is_bitwise_identical(reference, shards, tmp_path):
+@pytest.mark.parametrize("saves", ["waited", "background"])
+def test_kill9_at_random_points_then_resume_is_bitwise_identical(reference, shards, tmp_path, saves):
     run = tmp_path / "run"
-    # Training steps between checkpoints, and checkpoint saves in progress (steps 4, 8 save).
-    events = [("step", 3), ("saving", 0), ("step", 7), ("saving", 0), ("step", 11)]
-    states = [run_until(run, shards, e) for e in events]
+    if saves == "waited":
+        extra = []
+        # Training steps between checkpoints, and checkpoint saves in progress (steps 4, 8 save).
+        events = [("step", 3), ("saving", 0), ("step", 7), ("saving", 0), ("step", 11)]
+    else:
+        extra = ["checkpoint.async_save=true"]
+        # A background save is in flight until the next one starts: killed at step 5, the run
+        # has step 2 complete and step 4 in flight.
+        events = [("step", 5), ("step", 9), ("step", 11)]
+    states = [run_until(run, shards, e, *extra) for e in events]
     assert any(s.startswith("saving") for s in states), f"no kill landed inside a checkpoint save: {states}"
-    launch(run, shards)
+    if saves == "background":  # each kill lost the save in flight; later starts resumed a background-written one
+        assert all(s.startswith("saving") for s in states) and "(step-" in states[1] and "(step-" in states[2], states
+    launch(run, shards, *extra)
     assert losses(run) == losses(reference), states
     assert_same_weights(final_weights(run), final_weights(reference))
 
