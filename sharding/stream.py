@@ -22,13 +22,12 @@ import hashlib
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from sharding.atomic import fsync_dir
+from sharding.atomic import atomic_open
 from sharding.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, iter_epoch_steps, partition_order
 from sharding.tar_reader import ShardDamage, ShardSample, TruncatedShard, iter_samples, skip_samples
@@ -108,8 +107,8 @@ def evict_least_recent(folder: Path, max_bytes: int, keep: Path) -> None:
 class ShardSource:
     """Opens shards by URL: local paths directly, anything else through fsspec.
 
-    With `cache_dir`, a remote shard is first copied whole into that per-node folder (temp
-    file, fsync, rename: concurrent workers may race, the last identical copy wins) and read
+    With `cache_dir`, a remote shard is first copied whole into that per-node folder (through
+    `atomic_open`: concurrent workers may race, the last identical copy wins) and read
     from there, so a shard read by several readers on a node crosses the network once. With
     `cache_max_bytes`, each new copy evicts the least recently opened shards beyond that size
     (a reader that has a shard open keeps reading it: POSIX unlinks only the name).
@@ -144,14 +143,8 @@ class ShardSource:
             return open(cached, "rb", buffering=1 << 20)
         except FileNotFoundError:  # not cached yet, or evicted by another worker just now
             pass
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
-        with fsspec.open(url, "rb") as src, open(tmp, "wb") as dst:
+        with fsspec.open(url, "rb") as src, atomic_open(cached) as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, cached)
-        fsync_dir(self.cache_dir)
         f = open(cached, "rb", buffering=1 << 20)  # opened before any eviction can remove the name
         if self.cache_max_bytes:
             evict_least_recent(self.cache_dir, self.cache_max_bytes, keep=cached)
