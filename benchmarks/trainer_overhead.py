@@ -10,9 +10,12 @@ disk's bandwidth, measured in the same run; and the time a background save
 (`checkpoint.async_save`) blocks training, against the waited save's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30]
-                                          [--device cpu|cuda]
+                                          [--device cpu|cuda] [--no-reuse-host-memory]
 
 On a GPU both loops run fp32 with TF32 matrix products, on a batch already on the device.
+On a CPU the process first keeps freed host memory for reuse, as `vit-pretrain` does
+(`run.reuse_host_memory`, pretrain/host_memory.py); `--no-reuse-host-memory` measures
+without it. Both loops share the process, so the setting applies to both.
 
 Prints the throughput ratio (ours / bare) last. Timings on a shared machine are noisy;
 the ratio, measured in one process, is what counts.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ import torch
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointConfig, Checkpointer
 from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
+from pretrain.host_memory import keep_freed_host_memory
 from pretrain.model import build_model, model_config
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
 from pretrain.run_log import RunLog
@@ -99,6 +104,11 @@ def timed(loop, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def minor_faults() -> int:
+    """Page faults served without I/O so far: each first touch of freshly mapped memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def disk_bandwidth(folder: Path, nbytes: int) -> float:
     """Bytes/s writing `nbytes` in 8 MiB blocks with a final fsync (as the checkpoint writes)."""
     block = os.urandom(8 << 20)
@@ -125,11 +135,14 @@ def main() -> None:
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine (0: no sharding)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda needs the GPU DeepSpeed places the engine on")
+    p.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
+                   help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
                    help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
     args = p.parse_args()
     zero = load_config(ZeroConfig, overrides=[f"stage={args.stage}", *args.zero])
     device = torch.device(args.device)
+    reuse = device.type == "cpu" and args.reuse_host_memory and keep_freed_host_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
     distributed.init_process_group(distributed.detect(), 600)
 
@@ -148,9 +161,13 @@ def main() -> None:
         bare_loop.run(1), ours_loop.run(1)  # warm-up
         # Alternate rounds of 5 steps, so a change in the machine's load hits both loops alike.
         bare_s = ours_s = 0.0
+        bare_faults = ours_faults = 0
         for _ in range(rounds):
+            start = minor_faults()
             bare_s += timed(bare_loop, 5)
+            middle = minor_faults()
             ours_s += timed(ours_loop, 5)
+            bare_faults, ours_faults = bare_faults + middle - start, ours_faults + minor_faults() - middle
         bare, ours = bare_s / (rounds * 5), ours_s / (rounds * 5)
         engine = ours_loop.engine
         ckpt = Checkpointer(Path(tmp) / "checkpoints", CheckpointConfig(keep=1, async_save=True), 0, 1)
@@ -172,9 +189,13 @@ def main() -> None:
     params = sum(p.numel() for p in engine.module.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
-          f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}")
-    print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s")
-    print(f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s")
+          f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"
+          f"{', host memory reused' if reuse else ''}")
+    steps = rounds * 5
+    print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s  "
+          f"{bare_faults // steps:7d} page faults/step")
+    print(f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s  "
+          f"{ours_faults // steps:7d} page faults/step")
     print(f"checkpoint save   : {nbytes / 1e6:.0f} MB in {save_s:.2f} s = {nbytes / save_s / 1e6:.0f} MB/s; "
           f"disk with fsync {bandwidth / 1e6:.0f} MB/s -> {nbytes / bandwidth / save_s:.2f} of the disk's speed")
     print(f"background save   : training blocked {blocked_s:.2f} s (host copy) -> "

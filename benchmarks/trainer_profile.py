@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pretrain import distributed
 from pretrain.engine import ZeroConfig
+from pretrain.host_memory import keep_freed_host_memory
 from pretrain.model import model_config
 from pretrain.optim import OptimConfig
 from trainer_overhead import BareLoop, OurLoop
@@ -36,6 +37,8 @@ def main() -> None:
     distributed.init_process_group(distributed.detect(), 600)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        keep_freed_host_memory()  # as vit-pretrain does on CPU ranks
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
 

@@ -31,6 +31,7 @@ class RunConfig:
     seed: int = 0  # seeds the model init, data order and augmentation
     dist_timeout_s: float = 1800.0  # collective-operation timeout (a dead peer fails the job after this)
     threads: int = 0  # torch intra-op threads per rank on CPU (0: torch's default)
+    reuse_host_memory: bool = True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/host_memory.py)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class PretrainConfig:
 # Differences from a run's saved config that a resume accepts (dotted key prefixes):
 # length, evaluation, logging and resources, none of which changes what a step computes.
 RESUMABLE_CHANGES = (
-    "run.dir", "run.dist_timeout_s", "run.threads",
+    "run.dir", "run.dist_timeout_s", "run.threads", "run.reuse_host_memory",
     "train.steps", "train.epochs", "train.log_every", "train.watchdog_s",
     "eval", "checkpoint", "slurm",
     "data.workers", "data.cache_dir", "data.prefetch",

@@ -20,6 +20,7 @@ from pretrain import distributed
 from pretrain.checkpoint import Checkpointer, file_digest, fingerprint_diff, scan
 from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
 from pretrain.engine import build_engine, build_model_for, deepspeed_config
+from pretrain.host_memory import keep_freed_host_memory
 from pretrain.run_log import RunLog, peak_flops, vit_forward_flops
 from pretrain.signals import EXIT_REQUEUE, StopRequest, Watchdog
 from pretrain.trainer import Ema, Hooks, Trainer
@@ -66,6 +67,8 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     distributed.init_process_group(env, cfg.run.dist_timeout_s)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.reuse_host_memory and not torch.cuda.is_available():
+        keep_freed_host_memory()  # before the model, engine and loader workers allocate
     rank, world = env.rank, env.world_size
     run_dir = Path(cfg.run.dir)
 
