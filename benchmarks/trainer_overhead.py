@@ -200,6 +200,8 @@ def main() -> None:
           f"disk with fsync {bandwidth / 1e6:.0f} MB/s -> {nbytes / bandwidth / save_s:.2f} of the disk's speed")
     print(f"background save   : training blocked {blocked_s:.2f} s (host copy) -> "
           f"{blocked_s / save_s:.2f} of the waited save's time")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(f"peak RSS          : {peak_rss / 1e9:.2f} GB (both loops and the saves, one process)")
     print(f"trainer throughput / bare loop: {bare / ours:.3f}")
 
 
