@@ -10,7 +10,7 @@ disk's bandwidth, measured in the same run; and the time a background save
 (`checkpoint.async_save`) blocks training, against the waited save's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30]
-                                          [--device cpu|cuda] [--no-reuse-host-memory]
+                                          [--device cpu|cuda] [--no-reuse-host-memory] [--deepspeed-grad-norm]
 
 On a GPU both loops run fp32 with TF32 matrix products, on a batch already on the device.
 On a CPU the process first keeps freed host memory for reuse, as `vit-pretrain` does
@@ -40,6 +40,7 @@ from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
 from pretrain.run_log import RunLog
 from pretrain.signals import StopRequest, Watchdog
 from pretrain.trainer import Hooks, TrainConfig, Trainer, loss_fn
+from pretrain.zero_grad_norm import fused_grad_norm
 from sharding.config_loader import load_config
 
 
@@ -109,6 +110,26 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def norm_timings(engine, trainer, images, targets, repeats: int = 10) -> tuple[float, float] | None:
+    """ZeRO-1/2: seconds per gradient norm, ours (pretrain/zero_grad_norm.py) and DeepSpeed's,
+    over the partition of one more backward; None at other stages. Leaves that backward unstepped."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer):
+        return None
+    engine.backward(trainer.loss(engine(images), targets))
+    groups = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in range(len(opt.bit16_groups))]
+    seconds = [0.0, 0.0]
+    for _ in range(repeats):  # alternated, as the loops are
+        for k, norm in enumerate((fused_grad_norm, type(opt).get_grad_norm_direct)):
+            t0 = time.perf_counter()
+            for grads, params in groups:
+                norm(opt, grads, params).item()
+            seconds[k] += time.perf_counter() - t0
+    return seconds[0] / repeats, seconds[1] / repeats
+
+
 def disk_bandwidth(folder: Path, nbytes: int) -> float:
     """Bytes/s writing `nbytes` in 8 MiB blocks with a final fsync (as the checkpoint writes)."""
     block = os.urandom(8 << 20)
@@ -137,6 +158,8 @@ def main() -> None:
                    help="cuda needs the GPU DeepSpeed places the engine on")
     p.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
                    help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
+    p.add_argument("--deepspeed-grad-norm", action="store_true",
+                   help="ZeRO-1/2: DeepSpeed's own per-parameter gradient norm instead of ours (pretrain/zero_grad_norm.py)")
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
                    help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
     args = p.parse_args()
@@ -157,6 +180,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0)
         ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
+        fused_norm = "get_grad_norm_direct" in vars(ours_loop.engine.optimizer)
+        if fused_norm and args.deepspeed_grad_norm:
+            del ours_loop.engine.optimizer.get_grad_norm_direct  # back to DeepSpeed's class method
+            fused_norm = False
         torch.set_num_threads(args.threads)  # after DeepSpeed's CPU set-up: both loops get the same
         bare_loop.run(1), ours_loop.run(1)  # warm-up
         # Alternate rounds of 5 steps, so a change in the machine's load hits both loops alike.
@@ -185,12 +212,13 @@ def main() -> None:
         ckpt.save(engine, 3, {"step": 3}, final=False)
         blocked_s = time.perf_counter() - t0
         ckpt.finish()
+        norms = norm_timings(engine, ours_loop.trainer, images, targets)
 
     params = sum(p.numel() for p in engine.module.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
           f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"
-          f"{', host memory reused' if reuse else ''}")
+          f"{', host memory reused' if reuse else ''}{', fused gradient norm' if fused_norm else ''}")
     steps = rounds * 5
     print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s  "
           f"{bare_faults // steps:7d} page faults/step")
@@ -200,6 +228,9 @@ def main() -> None:
           f"disk with fsync {bandwidth / 1e6:.0f} MB/s -> {nbytes / bandwidth / save_s:.2f} of the disk's speed")
     print(f"background save   : training blocked {blocked_s:.2f} s (host copy) -> "
           f"{blocked_s / save_s:.2f} of the waited save's time")
+    if norms:
+        print(f"gradient norm     : {norms[0] * 1e3:.1f} ms fused vs {norms[1] * 1e3:.1f} ms DeepSpeed's per parameter, "
+              f"same gradients -> {norms[1] / norms[0]:.1f}x")
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"peak RSS          : {peak_rss / 1e9:.2f} GB (both loops and the saves, one process)")
     print(f"trainer throughput / bare loop: {bare / ours:.3f}")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
+from pretrain.zero_grad_norm import install_fused_grad_norm
 from sharding.config_loader import ConfigError
 
 
@@ -95,6 +96,7 @@ def build_engine(
         lr_scheduler=lambda opt: build_scheduler(optim_cfg, opt, total_steps),
         config=ds_config,
     )
+    install_fused_grad_norm(engine.optimizer)  # ZeRO-1/2: DeepSpeed's per-parameter norm, fused
     return engine
 
 

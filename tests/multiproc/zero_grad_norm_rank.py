@@ -1,0 +1,87 @@
+"""One rank of the fused ZeRO-1/2 gradient-norm check (run by test_zero_grad_norm.py under torchrun).
+
+For ZeRO stages 1 and 2 the engine is built as vit-pretrain builds it, one micro-batch per
+rank goes through backward, and the norm of each parameter group's reduced gradient is
+computed three ways: by our fused method, by DeepSpeed's own per-parameter method on the
+same partitions, and from first principles (a plain copy of the model, run on both ranks'
+batches, its gradients averaged). Then a non-finite gradient on rank 0 must make both ranks
+report DeepSpeed's -1 sentinel, and a step must clip with our norm. Prints one JSON line.
+"""
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain import distributed
+from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
+from pretrain.model import create_model
+from pretrain.optim import OptimConfig, param_groups
+
+ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
+
+
+def rank_batch(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def reference_group_norms(world: int) -> list[float]:
+    """Per-group norm of the world-averaged gradient, from a plain model (same init)."""
+    torch.manual_seed(0)
+    model = create_model("vit_ti16", **ARCH)
+    for rank in range(world):
+        x, y = rank_batch(rank)
+        (F.cross_entropy(model(x), y) / world).backward()
+    groups = param_groups(model.named_parameters(), 0.1)
+    return [math.sqrt(sum(p.grad.double().square().sum().item() for p in g["params"])) for g in groups]
+
+
+def check_stage(stage: int, rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model("vit_ti16", **ARCH)
+    # Buckets far smaller than the model: several reductions, partitions cutting parameters.
+    zero = ZeroConfig(stage=stage, reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
+    engine = build_engine(model, ds, OptimConfig(warmup_steps=1), total_steps=2)
+    opt = engine.optimizer
+    x, y = rank_batch(rank)
+    engine.backward(F.cross_entropy(engine(x), y))
+    groups = range(len(opt.bit16_groups))
+    args = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in groups]
+    ours = [opt.get_grad_norm_direct(*a).item() for a in args]
+    theirs = [type(opt).get_grad_norm_direct(opt, *a).item() for a in args]
+    # A non-finite element in one rank's partition: every rank must see the sentinel.
+    first = next(g for g in opt.averaged_gradients[0] if not getattr(g, "_zero_padding", False))
+    saved = first.view(-1)[0].item()
+    sentinels = {}
+    for label, bad in (("inf", math.inf), ("nan", math.nan)):
+        if rank == 0:
+            first.view(-1)[0] = bad
+        sentinels[label] = opt.get_grad_norm_direct(*args[0]).item()
+    first.view(-1)[0] = saved
+    engine.step()
+    return {"installed": "get_grad_norm_direct" in vars(opt), "ours": ours, "deepspeed": theirs,
+            "sentinels": sentinels, "engine_norm": float(engine.get_global_grad_norm())}
+
+
+def main() -> int:
+    distributed.init_process_group(distributed.detect(), 600)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = {"reference": reference_group_norms(world)}
+    for stage in (1, 2):
+        result[f"stage{stage}"] = check_stage(stage, rank, world)
+    torch.manual_seed(0)
+    stage0 = build_engine(create_model("vit_ti16", **ARCH),
+                          deepspeed_config(ZeroConfig(stage=0), global_batch=4 * world, micro_batch=4, grad_accum=1,
+                                           clip_grad=1.0), OptimConfig(warmup_steps=1), total_steps=2)
+    result["stage0_installed"] = "get_grad_norm_direct" in vars(stage0.optimizer)
+    print(f"RANK{rank} " + json.dumps(result), flush=True)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
