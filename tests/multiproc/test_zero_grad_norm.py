@@ -1,4 +1,4 @@
-"""The fused ZeRO-1/2 gradient norm equals DeepSpeed's and the true one, on 2 real ranks (gloo)."""
+"""The fused ZeRO gradient norm equals DeepSpeed's and the true one, on 2 real ranks (gloo)."""
 import json
 import math
 import os
@@ -25,13 +25,14 @@ def test_fused_norm_matches_deepspeed_and_first_principles():
     assert len(ranks) == 2
     reference = ranks[0]["reference"]
     assert len(reference) == 2 and all(r > 0 for r in reference)  # weight matrices, then biases/norms/tokens
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "stage3"):
         for r in ranks:
             got = r[stage]
             assert got["installed"], f"{stage}: the engine kept DeepSpeed's per-parameter norm"
-            for ours, theirs, true in zip(got["ours"], got["deepspeed"], reference):
-                assert ours == pytest.approx(true, rel=1e-5), (stage, got)
-                assert ours == pytest.approx(theirs, rel=1e-5), (stage, got)
+            assert len(got["ours"]) == len(got["deepspeed"]) >= 2
+            assert got["ours"] == pytest.approx(got["deepspeed"], rel=1e-5), (stage, got)
+            if stage != "stage3":  # ZeRO-3 norms are per sub-group: only the total below compares
+                assert got["ours"] == pytest.approx(reference, rel=1e-5), (stage, got)
             # Rank 0's bad element reaches rank 1 through the all-reduce.
             assert got["sentinels"] == {"inf": -1.0, "nan": -1.0}, (stage, got)
             # The step clipped with the norm of both groups together.

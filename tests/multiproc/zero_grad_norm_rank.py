@@ -1,10 +1,11 @@
-"""One rank of the fused ZeRO-1/2 gradient-norm check (run by test_zero_grad_norm.py under torchrun).
+"""One rank of the fused ZeRO gradient-norm check (run by test_zero_grad_norm.py under torchrun).
 
-For ZeRO stages 1 and 2 the engine is built as vit-pretrain builds it, one micro-batch per
+For ZeRO stages 1, 2 and 3 the engine is built as vit-pretrain builds it, one micro-batch per
 rank goes through backward, and the norm of each parameter group's reduced gradient is
 computed three ways: by our fused method, by DeepSpeed's own per-parameter method on the
 same partitions, and from first principles (a plain copy of the model, run on both ranks'
-batches, its gradients averaged). Then a non-finite gradient on rank 0 must make both ranks
+batches, its gradients averaged; at stage 3, whose groups are DeepSpeed's sub-groups, only
+the total is compared). Then a non-finite gradient on rank 0 must make both ranks
 report DeepSpeed's -1 sentinel, and a step must clip with our norm. Prints one JSON line.
 """
 import json
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain import distributed
-from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
+from pretrain.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config
 from pretrain.model import create_model
 from pretrain.optim import OptimConfig, param_groups
 
@@ -40,21 +41,21 @@ def reference_group_norms(world: int) -> list[float]:
 
 
 def check_stage(stage: int, rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    model = create_model("vit_ti16", **ARCH)
     # Buckets far smaller than the model: several reductions, partitions cutting parameters.
     zero = ZeroConfig(stage=stage, reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
+    torch.manual_seed(0)
+    model = build_model_for(zero, ds, lambda: create_model("vit_ti16", **ARCH))
     engine = build_engine(model, ds, OptimConfig(warmup_steps=1), total_steps=2)
     opt = engine.optimizer
     x, y = rank_batch(rank)
     engine.backward(F.cross_entropy(engine(x), y))
-    groups = range(len(opt.bit16_groups))
-    args = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in groups]
+    partition_params = opt.fp16_groups if stage == 3 else opt.params_in_partition
+    args = [(opt.averaged_gradients[i], params) for i, params in enumerate(partition_params)]
     ours = [opt.get_grad_norm_direct(*a).item() for a in args]
     theirs = [type(opt).get_grad_norm_direct(opt, *a).item() for a in args]
     # A non-finite element in one rank's partition: every rank must see the sentinel.
-    first = next(g for g in opt.averaged_gradients[0] if not getattr(g, "_zero_padding", False))
+    first = next(g for g in args[0][0] if g.numel() and not getattr(g, "_zero_padding", False))
     saved = first.view(-1)[0].item()
     sentinels = {}
     for label, bad in (("inf", math.inf), ("nan", math.nan)):
@@ -71,7 +72,7 @@ def main() -> int:
     distributed.init_process_group(distributed.detect(), 600)
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"reference": reference_group_norms(world)}
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         result[f"stage{stage}"] = check_stage(stage, rank, world)
     torch.manual_seed(0)
     stage0 = build_engine(create_model("vit_ti16", **ARCH),
