@@ -7,7 +7,9 @@ run has at step boundaries except data loading (an in-memory batch is repeated, 
 the trainer is measured). Then a checkpoint save is timed against writing the same
 number of bytes with fsync just before and just after it (the faster of the two): the
 disk's bandwidth, measured in the same run; and the time a background save
-(`checkpoint.async_save`) blocks training, against the waited save's.
+(`checkpoint.async_save`) blocks training, against the waited save's. At ZeRO stages 1-2
+it also times the clipping norm, ours (pretrain/zero_grad_norm.py) against DeepSpeed's, on
+the same gradients; `--deepspeed-grad-norm` trains with DeepSpeed's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30]
                                           [--device cpu|cuda] [--no-reuse-host-memory] [--deepspeed-grad-norm]
