@@ -1,10 +1,6 @@
 """The fused ZeRO gradient norm equals DeepSpeed's and the true one, on 2 real ranks (gloo)."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,13 +9,8 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-def test_fused_norm_matches_deepspeed_and_first_principles():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}",
-           str(HERE / "zero_grad_norm_rank.py")]
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+def test_fused_norm_matches_deepspeed_and_first_principles(torchrun_script):
+    p = torchrun_script(HERE / "zero_grad_norm_rank.py")
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     ranks = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RANK")]
     assert len(ranks) == 2
