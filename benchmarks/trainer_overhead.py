@@ -179,7 +179,9 @@ def main() -> None:
 
     rounds = max(args.steps // 5, 1)
     total = rounds * 5 + 1
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    # On the disk of the working directory, where runs usually live; git ignores the folder,
+    # which a killed benchmark leaves behind.
+    with tempfile.TemporaryDirectory(dir=".", prefix="trainer_overhead-") as tmp:
         bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0)
         ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
         fused_norm = "get_grad_norm_direct" in vars(ours_loop.engine.optimizer)

@@ -96,7 +96,7 @@ def build_engine(
         lr_scheduler=lambda opt: build_scheduler(optim_cfg, opt, total_steps),
         config=ds_config,
     )
-    install_fused_grad_norm(engine.optimizer)  # ZeRO-1/2: DeepSpeed's per-parameter norm, fused
+    install_fused_grad_norm(engine.optimizer)  # ZeRO 1-3: DeepSpeed's per-parameter norm, fused
     return engine
 
 

@@ -6,8 +6,8 @@ compute it one parameter at a time in Python, first copying each gradient to flo
 ~150 norms and as many copies a step for ViT-S/16, ~390 for ViT-H/14 (on a GPU, each a
 kernel launch). Ours is one `_foreach_norm` over the partition's gradients with float32
 accumulation, as `torch.nn.utils.clip_grad_norm_` does (and so the bare loop in
-`benchmarks/trainer_overhead.py`, which times both norms on the same gradients: 4.1 ms
-against 13.1 ms a step for ViT-S/16 at ZeRO-1 on one CPU thread). The float32 norm differs
+`benchmarks/trainer_overhead.py`, which times both norms on the same gradients: 4-6 ms
+against 13-22 ms a step for ViT-S/16 at ZeRO-1/2 on one CPU thread). The float32 norm differs
 from DeepSpeed's float64 one by ~1e-5 relative, which moves the clip factor by as much; the
 result is still summed over the group the gradients are partitioned over and reported as
 -1 when not finite, which is how DeepSpeed's step recognises a non-finite gradient.
