@@ -21,6 +21,11 @@ from sharding.config_loader import ConfigError
 class ZeroConfig:
     stage: int = 1  # ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights/activations, fp32 master weights)
+    # Under bf16: the dtype gradients are accumulated over micro-batches and reduced across
+    # ranks in. fp32, as Megatron and torchtitan do: the mean gradient is exact whatever the
+    # accumulation count. bf16 (DeepSpeed's default) halves gradient memory and traffic, but
+    # rounds at every micro-batch and in the reduction (docs/PRETRAIN.md, "Precision").
+    grad_dtype: str = "fp32"
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket (peak gradient memory)
     allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather bucket (stages 1-2)
     prefetch_bucket_size: int = 20_000_000  # stage 3: elements of parameters fetched ahead
@@ -34,6 +39,10 @@ class ZeroConfig:
             raise ConfigError(f"{where}.stage: must be 0, 1, 2 or 3, got {self.stage}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{where}.precision: must be fp32 or bf16, got {self.precision!r}")
+        if self.grad_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"{where}.grad_dtype: must be fp32 or bf16, got {self.grad_dtype!r}")
+        if self.precision == "fp32" and self.grad_dtype != "fp32":
+            raise ConfigError(f"{where}.grad_dtype: bf16 gradients need precision bf16 (fp32 weights have fp32 gradients)")
 
 
 def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, grad_accum: int, clip_grad: float) -> dict[str, Any]:
@@ -60,11 +69,21 @@ def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, gr
         "gradient_clipping": clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
+        **(_bf16_gradients(cfg.grad_dtype) if cfg.precision == "bf16" else {}),
         # Our optimizer is torch's AdamW/SGD; DeepSpeed only vouches for its own.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def _bf16_gradients(grad_dtype: str) -> dict[str, Any]:
+    """DeepSpeed's keys for the gradients of a bf16 model. With fp32 accumulation DeepSpeed
+    runs ZeRO-1 through its BF16_Optimizer (same sharding, its own checkpoint files) and
+    ZeRO-2/3 accumulate into fp32 partitions."""
+    if grad_dtype == "bf16":
+        return {}  # DeepSpeed's default: the model's dtype for both
+    return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
 
 
 def build_model_for(cfg: ZeroConfig, ds_config: dict, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:

@@ -44,11 +44,42 @@ def consolidated_state_dict(folder: Path, *, ema: bool = False) -> dict[str, tor
         if "ema" not in state:
             raise UserError(f"{folder}: this run kept no EMA weights (train.ema_decay was 0)")
         return {k: v.float().contiguous() for k, v in state["ema"].items()}
+    if any(folder.glob(BF16_OPTIMIZER_FILES)):
+        return _bf16_optimizer_weights(folder)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's reader unpickles; these are files our own trainer wrote, never foreign input.
     sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+# ZeRO-1 under bf16 with fp32 gradients runs DeepSpeed's BF16_Optimizer, whose files
+# DeepSpeed's zero_to_fp32 refuses ("not a zero checkpoint").
+BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"
+
+
+def _bf16_optimizer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint. Its layout is ZeRO-1's: each
+    parameter group flattened in order, padded at the end, and cut into equal rank slices."""
+    def rank_of(path: Path) -> int:
+        return int(path.name.split("_")[4])
+
+    files = sorted(folder.glob(BF16_OPTIMIZER_FILES), key=rank_of)
+    if [rank_of(f) for f in files] != list(range(len(files))):
+        raise UserError(f"{folder}: optimizer files of ranks {[rank_of(f) for f in files]}, expected 0..{len(files) - 1}")
+    # Our own files (see above); mmap keeps a large model's Adam moments out of memory.
+    states = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"] for f in files]
+    shapes = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
+    weights: dict[str, torch.Tensor] = {}
+    for group, group_shapes in enumerate(shapes):
+        flat = torch.cat([state["single_partition_of_fp32_groups"][group] for state in states])
+        offset = 0
+        for name, shape in group_shapes.items():
+            weights[name] = flat[offset:offset + shape.numel()].view(shape).float().clone()
+            offset += shape.numel()
+        if flat.numel() - offset != states[-1]["group_paddings"][group]:
+            raise UserError(f"{folder}: parameter group {group} holds {flat.numel()} values, its parameters {offset}")
+    return weights
 
 
 def export(run_dir: Path, out: Path | None = None, *, step: int | None = None, ema: bool = False) -> Path:
