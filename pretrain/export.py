@@ -44,8 +44,9 @@ def consolidated_state_dict(folder: Path, *, ema: bool = False) -> dict[str, tor
         if "ema" not in state:
             raise UserError(f"{folder}: this run kept no EMA weights (train.ema_decay was 0)")
         return {k: v.float().contiguous() for k, v in state["ema"].items()}
-    if any(folder.glob(BF16_OPTIMIZER_FILES)):
-        return _bf16_optimizer_weights(folder)
+    optimizer_files = _optimizer_files(folder)
+    if optimizer_files and _is_bf16_optimizer(optimizer_files[0]):
+        return _bf16_optimizer_weights(folder, optimizer_files)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's reader unpickles; these are files our own trainer wrote, never foreign input.
@@ -53,25 +54,37 @@ def consolidated_state_dict(folder: Path, *, ema: bool = False) -> dict[str, tor
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
-# ZeRO-1 under bf16 with fp32 gradients runs DeepSpeed's BF16_Optimizer, whose files
-# DeepSpeed's zero_to_fp32 refuses ("not a zero checkpoint").
-BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"
-
-
-def _bf16_optimizer_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of a BF16_Optimizer checkpoint. Its layout is ZeRO-1's: each
-    parameter group flattened in order, padded at the end, and cut into equal rank slices."""
+def _optimizer_files(folder: Path) -> list[Path]:
+    """The ranks' ZeRO optimizer files, in rank order (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`)."""
     def rank_of(path: Path) -> int:
-        return int(path.name.split("_")[4])
+        return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
 
-    files = sorted(folder.glob(BF16_OPTIMIZER_FILES), key=rank_of)
+    files = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
     if [rank_of(f) for f in files] != list(range(len(files))):
         raise UserError(f"{folder}: optimizer files of ranks {[rank_of(f) for f in files]}, expected 0..{len(files) - 1}")
-    # Our own files (see above); mmap keeps a large model's Adam moments out of memory.
-    states = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"] for f in files]
-    shapes = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
-    weights: dict[str, torch.Tensor] = {}
-    for group, group_shapes in enumerate(shapes):
+    return files
+
+
+def _load(path: Path) -> dict:
+    # Our own files (see above); mmap leaves a large model's Adam moments on disk.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _is_bf16_optimizer(optimizer_file: Path) -> bool:
+    """ZeRO-1 under bf16 with fp32 gradients runs DeepSpeed's BF16_Optimizer, whose files
+    DeepSpeed's zero_to_fp32 refuses ("not a zero checkpoint"): unlike ZeRO's, they carry no
+    stage. (Every bf16 run's files are named bf16_*, so the name does not tell.)"""
+    return "zero_stage" not in _load(optimizer_file)["optimizer_state_dict"]
+
+
+def _bf16_optimizer_weights(folder: Path, optimizer_files: list[Path]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint, and any frozen weights. Its
+    layout is ZeRO-1's: each parameter group flattened in order, padded at the end, and cut
+    into equal rank slices."""
+    states = [_load(f)["optimizer_state_dict"] for f in optimizer_files]
+    model_states = _load(folder / "mp_rank_00_model_states.pt")
+    weights = {k: v.float().clone() for k, v in (model_states.get("frozen_param_fragments") or {}).items()}
+    for group, group_shapes in enumerate(model_states["param_shapes"]):
         flat = torch.cat([state["single_partition_of_fp32_groups"][group] for state in states])
         offset = 0
         for name, shape in group_shapes.items():

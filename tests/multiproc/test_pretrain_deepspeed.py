@@ -248,9 +248,10 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path, precision):
 
 
 # ZeRO-3 with a waited save is resumed in test_pretrain_h14_zero3.py. bf16 with fp32 gradients
-# (the recipes' default) runs ZeRO-1 through DeepSpeed's BF16_Optimizer, with its own files.
+# (the recipes' default) runs ZeRO-1 through DeepSpeed's BF16_Optimizer, with its own files,
+# and ZeRO-2 through fp32 gradient partitions.
 @pytest.mark.parametrize("stage,saves,precision", [
-    (2, "waited", "fp32"), (2, "background", "fp32"), (3, "background", "fp32"), (1, "background", "bf16"),
+    (2, "waited", "bf16"), (2, "background", "fp32"), (3, "background", "fp32"), (1, "background", "bf16"),
 ])
 def test_zero_stage_resume_is_exact(stage, saves, precision, shards, tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"

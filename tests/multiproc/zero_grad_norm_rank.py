@@ -79,7 +79,10 @@ def main() -> int:
                           deepspeed_config(ZeroConfig(stage=0), global_batch=4 * world, micro_batch=4, grad_accum=1,
                                            clip_grad=1.0), OptimConfig(warmup_steps=1), total_steps=2)
     result["stage0_installed"] = "get_grad_norm_direct" in vars(stage0.optimizer)
-    print(f"RANK{rank} " + json.dumps(result), flush=True)
+    # One write, newline included: print() writes the newline apart, and the other rank's
+    # line can land between the two.
+    sys.stdout.write(f"RANK{rank} {json.dumps(result)}\n")
+    sys.stdout.flush()
     distributed.shutdown()
     return 0
 
