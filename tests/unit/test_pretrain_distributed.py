@@ -6,6 +6,7 @@ import pytest
 from pretrain import distributed
 from pretrain.checkpoint import fingerprint_diff
 from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.engine import ZeroConfig, deepspeed_config
 from pretrain.optim import OptimConfig, WarmupDecay
 from pretrain.signals import StopRequest
 from pretrain.trainer import TrainConfig, loss_fn
@@ -84,6 +85,20 @@ def test_resume_fingerprint_allows_resources_but_not_recipe():
     saved = {"train": {"steps": 10, "optim": {"lr": 1e-3}}, "data": {"workers": 2, "path": "a"}, "zero": {"stage": 1}}
     now = {"train": {"steps": 20, "optim": {"lr": 2e-3}}, "data": {"workers": 8, "path": "a"}, "zero": {"stage": 2}}
     assert fingerprint_diff(saved, now, RESUMABLE_CHANGES) == ["train.optim.lr", "zero.stage"]
+
+
+def test_bf16_gradients_accumulate_and_reduce_in_fp32_unless_asked():
+    def ds(**zero):
+        return deepspeed_config(ZeroConfig(**zero), global_batch=8, micro_batch=4, grad_accum=2, clip_grad=1.0)
+
+    fp32_grads = ds(precision="bf16")
+    assert fp32_grads["data_types"] == {"grad_accum_dtype": "fp32"} and fp32_grads["communication_data_type"] == "fp32"
+    for plain in (ds(precision="bf16", grad_dtype="bf16"), ds(precision="fp32")):
+        assert "data_types" not in plain and "communication_data_type" not in plain  # DeepSpeed's: the model's dtype
+    with pytest.raises(ConfigError, match="zero.grad_dtype"):
+        ds(precision="fp32", grad_dtype="bf16")
+    with pytest.raises(ConfigError, match="zero.grad_dtype"):
+        ds(precision="bf16", grad_dtype="fp16")
 
 
 def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
