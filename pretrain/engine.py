@@ -22,9 +22,9 @@ class ZeroConfig:
     stage: int = 1  # ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+parameters)
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights/activations, fp32 master weights)
     # Under bf16: the dtype gradients are accumulated over micro-batches and reduced across
-    # ranks in. fp32, as Megatron and torchtitan do: the mean gradient is exact whatever the
-    # accumulation count. bf16 (DeepSpeed's default) halves gradient memory and traffic, but
-    # rounds at every micro-batch and in the reduction (docs/PRETRAIN.md, "Precision").
+    # ranks in. fp32, as Megatron and torchtitan do: the mean gradient to fp32 rounding,
+    # whatever the accumulation count. bf16 (DeepSpeed's default) halves gradient memory and
+    # traffic, but rounds at every micro-batch and in the reduction (docs/PRETRAIN.md, "Precision").
     grad_dtype: str = "fp32"
     reduce_bucket_size: int = 50_000_000  # elements per gradient reduce bucket (peak gradient memory)
     allgather_bucket_size: int = 50_000_000  # elements per parameter all-gather bucket (stages 1-2)

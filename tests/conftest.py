@@ -1,4 +1,5 @@
 """Fixtures shared by every tier."""
+import json
 import os
 import socket
 import subprocess
@@ -21,13 +22,22 @@ def digits_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def torchrun_script():
-    """Runs a script under the real torchrun on local ranks; returns the finished process."""
-    def run(script: Path, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun_ranks():
+    """Runs a rank script under the real torchrun on local ranks; checks that it succeeded and
+    returns what each rank reported (tests/multiproc/rank_report.py), in rank order."""
+    def run(script: Path, nproc: int = 2, timeout: int = 300) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", str(script)]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=timeout)
+        p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=timeout)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        reports = {}
+        for line in p.stdout.splitlines():
+            if line.startswith("RANK"):
+                rank, result = line[len("RANK"):].split(" ", 1)
+                reports[int(rank)] = json.loads(result)
+        assert sorted(reports) == list(range(nproc)), p.stdout[-4000:]
+        return [reports[r] for r in range(nproc)]
     return run

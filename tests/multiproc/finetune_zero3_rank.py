@@ -14,6 +14,7 @@ from pretrain import distributed
 from pretrain.model import build_model, create_model, model_config
 from pretrain.posemb import resample_posemb
 from pretrain.starting_weights import Source, fit_to_model
+from rank_report import report  # next to this script
 
 
 def main() -> int:
@@ -31,8 +32,8 @@ def main() -> int:
     with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}}):
         model = build_model(cfg)
     assert hasattr(model.blocks[0].attn.qkv.weight, "ds_id"), "model is not partitioned"
-    report = fit_to_model(Source("<source>", "export", state, pre.cfg), model)
-    assert report.grid == ((4, 4), (8, 8)), report
+    fit = fit_to_model(Source("<source>", "export", state, pre.cfg), model)
+    assert fit.grid == ((4, 4), (8, 8)), fit
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         got = {k: v.clone() for k, v in model.state_dict().items()}
     for k, v in expected.items():
@@ -41,7 +42,7 @@ def main() -> int:
         want = resample_posemb(v, (8, 8)) if k == "pos_embed" else v
         assert torch.equal(got[k], want), f"rank {rank}: {k} differs"
     assert got["head.weight"].shape == (7, 64) and not got["head.weight"].any()
-    print(f"rank {rank}: ok", flush=True)
+    report(rank, {"loaded": True})
     distributed.shutdown()  # leave the group before exit, as the training stages do
     return 0
 

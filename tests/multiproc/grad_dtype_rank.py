@@ -7,7 +7,6 @@ the gradient DeepSpeed accumulated and reduced. The reference is the exact mean 
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
 micro-batches and ranks). Prints one JSON line: the step's error relative to the reference.
 """
-import json
 import sys
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pretrain import distributed
+from rank_report import report  # next to this script
 from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
 from pretrain.model import create_model
 from pretrain.optim import OptimConfig
@@ -60,10 +60,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     errors = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, rank, world)
               for stage in (1, 2, 3) for grad_dtype in ("fp32", "bf16")}
-    # One write, newline included: print() writes the newline apart, and the other rank's
-    # line can land between the two.
-    sys.stdout.write(f"RANK{rank} {json.dumps(errors)}\n")
-    sys.stdout.flush()
+    report(rank, errors)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,5 @@
-"""bf16 training: gradients accumulated and reduced in fp32 are the exact mean; in bf16 they
-are not. 2 real ranks (gloo), ZeRO stages 1-3, 16 accumulated micro-batches."""
-import json
+"""bf16 training: gradients accumulated and reduced in fp32 give the mean gradient to 1e-6; in
+bf16 they do not. 2 real ranks (gloo), ZeRO stages 1-3, 16 accumulated micro-batches."""
 from pathlib import Path
 
 import pytest
@@ -9,11 +8,9 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_script):
-    p = torchrun_script(HERE / "grad_dtype_rank.py")
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    ranks = [json.loads(line.split(" ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RANK")]
-    assert len(ranks) == 2 and ranks[0] == ranks[1]  # every rank stepped by the same gradient
+def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_ranks):
+    ranks = torchrun_ranks(HERE / "grad_dtype_rank.py")
+    assert ranks[0] == ranks[1]  # every rank stepped by the same gradient
     errors = ranks[0]
     for stage in (1, 2, 3):
         # Measured 0 to 6e-9: bf16 micro-batch gradients sum exactly in fp32 at this size.

@@ -8,7 +8,6 @@ batches, its gradients averaged; at stage 3, whose groups are DeepSpeed's sub-gr
 the total is compared). Then a non-finite gradient on rank 0 must make both ranks
 report DeepSpeed's -1 sentinel, and a step must clip with our norm. Prints one JSON line.
 """
-import json
 import math
 import sys
 
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain import distributed
+from rank_report import report  # next to this script
 from pretrain.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config
 from pretrain.model import create_model
 from pretrain.optim import OptimConfig, param_groups
@@ -79,10 +79,7 @@ def main() -> int:
                           deepspeed_config(ZeroConfig(stage=0), global_batch=4 * world, micro_batch=4, grad_accum=1,
                                            clip_grad=1.0), OptimConfig(warmup_steps=1), total_steps=2)
     result["stage0_installed"] = "get_grad_norm_direct" in vars(stage0.optimizer)
-    # One write, newline included: print() writes the newline apart, and the other rank's
-    # line can land between the two.
-    sys.stdout.write(f"RANK{rank} {json.dumps(result)}\n")
-    sys.stdout.flush()
+    report(rank, result)
     distributed.shutdown()
     return 0
 

@@ -26,7 +26,7 @@ def write(path, text):
 
 
 def test_files_merge_in_order_then_overrides_win(tmp_path):
-    base = write(tmp_path / "base.yaml", "inner: {depth: 3, name: base}\nlr: 0.5\n")
+    write(tmp_path / "base.yaml", "inner: {depth: 3, name: base}\nlr: 0.5\n")
     top = write(tmp_path / "top.yaml", "_base_: [base.yaml]\ninner: {name: top}\n")
     cfg = load_config(Outer, [top], ["lr=0.25", "inner.sizes=[4,5,6]"])
     assert cfg == Outer(inner=Inner(depth=3, name="top", sizes=[4, 5, 6]), lr=0.25)
