@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/PERFORMANCE.md in one run (about 6 minutes on one H100/H200):
+# The GPU figures of docs/PERFORMANCE.md in one run (about 8 minutes on one H100/H200):
 # model speed and bf16 MFU of ViT-B/16 and ViT-H/14 against timm, then the trainer's
 # step against a bare loop (fp32 with TF32) for ViT-B/16 without and with ZeRO-1 and for
-# ViT-H/14 with ZeRO-1.
+# ViT-H/14 with ZeRO-1; then ViT-H/14 as its recipe trains (ZeRO-2, bf16) with fp32 and with
+# bf16 gradients, against a bare bf16-autocast loop.
 #
 #     bash benchmarks/gpu_suite.sh 2>&1 | tee gpu.log
 set -euo pipefail
@@ -18,3 +19,7 @@ for stage in 0 1; do
     python3 benchmarks/trainer_overhead.py --device cuda --model vit_b16 --img 224 --batch 128 --steps 30 --stage "$stage"
 done
 python3 benchmarks/trainer_overhead.py --device cuda --model vit_h14 --img 224 --batch 32 --steps 20 --stage 1
+for grads in fp32 bf16; do
+    python3 benchmarks/trainer_overhead.py --device cuda --model vit_h14 --img 224 --batch 32 --steps 20 --stage 2 \
+        --bf16 --zero grad_dtype="$grads"
+done

@@ -13,8 +13,12 @@ the same gradients; `--deepspeed-grad-norm` trains with DeepSpeed's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30]
                                           [--device cpu|cuda] [--no-reuse-host-memory] [--deepspeed-grad-norm]
+                                          [--bf16 [--zero grad_dtype=bf16]]
 
 On a GPU both loops run fp32 with TF32 matrix products, on a batch already on the device.
+With `--bf16` ours trains as the recipes do (`zero.precision=bf16`, gradients in
+`zero.grad_dtype`: fp32 unless `--zero grad_dtype=bf16`) and the bare loop as plain
+PyTorch mixed precision would: fp32 weights, forward and loss under `torch.autocast(bfloat16)`.
 On a CPU the process first keeps freed host memory for reuse, as `vit-pretrain` does
 (`run.reuse_host_memory`, pretrain/host_memory.py); `--no-reuse-host-memory` measures
 without it. Both loops share the process, so the setting applies to both.
@@ -35,7 +39,7 @@ import torch
 
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointConfig, Checkpointer
-from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
+from pretrain.engine import ZeroConfig, build_engine, deepspeed_config, input_dtype
 from pretrain.host_memory import keep_freed_host_memory
 from pretrain.model import build_model, model_config
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
@@ -56,19 +60,21 @@ class RepeatBatch:
 
 
 class BareLoop:
-    """The plain PyTorch loop: forward, loss, backward, clip, AdamW step, schedule step."""
+    """The plain PyTorch loop: forward, loss, backward, clip, AdamW step, schedule step
+    (forward and loss under bf16 autocast when asked)."""
 
-    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float):
+    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, bf16: bool = False):
         torch.manual_seed(0)
         self.model = build_model(model_cfg).to(images.device)
         self.opt = build_optimizer(optim_cfg, self.model.named_parameters())
         self.sched = build_scheduler(optim_cfg, self.opt, total_steps)
         self.loss_of = loss_fn("softmax", model_cfg.num_classes)
-        self.images, self.targets, self.clip = images, targets, clip
+        self.images, self.targets, self.clip, self.bf16 = images, targets, clip, bf16
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
-            loss = self.loss_of(self.model(self.images), self.targets)
+            with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss_of(self.model(self.images), self.targets)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -120,7 +126,7 @@ def norm_timings(engine, trainer, images, targets, repeats: int = 10) -> tuple[f
     opt = engine.optimizer
     if not isinstance(opt, DeepSpeedZeroOptimizer):
         return None
-    engine.backward(trainer.loss(engine(images), targets))
+    engine.backward(trainer.loss(engine(images.to(input_dtype(engine))), targets))
     groups = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in range(len(opt.bit16_groups))]
     seconds = [0.0, 0.0]
     for _ in range(repeats):  # alternated, as the loops are
@@ -162,10 +168,13 @@ def main() -> None:
                    help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
     p.add_argument("--deepspeed-grad-norm", action="store_true",
                    help="ZeRO-1/2: DeepSpeed's own per-parameter gradient norm instead of ours (pretrain/zero_grad_norm.py)")
+    p.add_argument("--bf16", action="store_true",
+                   help="ours with zero.precision=bf16, the bare loop under torch.autocast(bfloat16)")
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
                    help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
     args = p.parse_args()
-    zero = load_config(ZeroConfig, overrides=[f"stage={args.stage}", *args.zero])
+    zero = load_config(ZeroConfig, overrides=[f"stage={args.stage}", *(["precision=bf16"] if args.bf16 else []),
+                                              *args.zero])
     device = torch.device(args.device)
     reuse = device.type == "cpu" and args.reuse_host_memory and keep_freed_host_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
@@ -182,7 +191,7 @@ def main() -> None:
     # On the disk of the working directory, where runs usually live; git ignores the folder,
     # which a killed benchmark leaves behind.
     with tempfile.TemporaryDirectory(dir=".", prefix="trainer_overhead-") as tmp:
-        bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0)
+        bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16)
         ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
         fused_norm = "get_grad_norm_direct" in vars(ours_loop.engine.optimizer)
         if fused_norm and args.deepspeed_grad_norm:
@@ -222,6 +231,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
           f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"
+          f"{f', bf16 with {zero.grad_dtype} gradients (bare loop: autocast)' if args.bf16 else ''}"
           f"{', host memory reused' if reuse else ''}{', fused gradient norm' if fused_norm else ''}")
     steps = rounds * 5
     print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s  "
