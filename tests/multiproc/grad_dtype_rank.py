@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 
 from pretrain import distributed
-from rank_report import report  # next to this script
 from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
 from pretrain.model import create_model
 from pretrain.optim import OptimConfig
+from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 MICRO, ACCUMULATE = 4, 16

@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain import distributed
-from rank_report import report  # next to this script
 from pretrain.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config
 from pretrain.model import create_model
 from pretrain.optim import OptimConfig, param_groups
+from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 
