@@ -6,6 +6,8 @@ plain SGD with lr 1 and no clipping, so the step moves the fp32 master weights b
 the gradient DeepSpeed accumulated and reduced. The reference is the exact mean of the
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
 micro-batches and ranks). Prints one JSON line: the step's error relative to the reference.
+
+    torchrun --nproc_per_node 2 tests/multiproc/grad_dtype_rank.py [MICRO_BATCHES]   (default 16)
 """
 import sys
 
@@ -21,14 +23,14 @@ from pretrain.optim import OptimConfig
 from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
-MICRO, ACCUMULATE = 4, 16
+MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
 
 
-def step_error(stage: int, grad_dtype: str, rank: int, world: int) -> float:
+def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int) -> float:
     zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
-    ds = deepspeed_config(zero, global_batch=MICRO * ACCUMULATE * world, micro_batch=MICRO, grad_accum=ACCUMULATE,
+    ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
                           clip_grad=0.0)
     torch.manual_seed(0)
     model = create_model("vit_ti16", **ARCH)
@@ -38,13 +40,13 @@ def step_error(stage: int, grad_dtype: str, rank: int, world: int) -> float:
     before = {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
     exact = {k: torch.zeros_like(v) for k, v in before.items()}
     g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(ACCUMULATE):
+    for _ in range(accumulate):
         x = torch.randn(MICRO, 3, 32, 32, generator=g).to(torch.bfloat16)
         y = torch.randint(0, 10, (MICRO,), generator=g)
         engine.backward(F.cross_entropy(engine(x), y))
         engine.step()  # an optimizer step only at the accumulation boundary
         plain.zero_grad(set_to_none=True)
-        (F.cross_entropy(plain(x), y) / ACCUMULATE).backward()  # as the engine scales the loss
+        (F.cross_entropy(plain(x), y) / accumulate).backward()  # as the engine scales the loss
         for k, p in plain.named_parameters():
             exact[k] += p.grad.double()
     for v in exact.values():
@@ -58,7 +60,8 @@ def step_error(stage: int, grad_dtype: str, rank: int, world: int) -> float:
 def main() -> None:
     distributed.init_process_group(distributed.detect(), 300)
     rank, world = dist.get_rank(), dist.get_world_size()
-    errors = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, rank, world)
+    accumulate = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+    errors = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
               for stage in (1, 2, 3) for grad_dtype in ("fp32", "bf16")}
     report(rank, errors)
     dist.destroy_process_group()
