@@ -167,7 +167,7 @@ def main() -> None:
     p.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
                    help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
     p.add_argument("--deepspeed-grad-norm", action="store_true",
-                   help="ZeRO-1/2: DeepSpeed's own per-parameter gradient norm instead of ours (pretrain/zero_grad_norm.py)")
+                   help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero_grad_norm.py)")
     p.add_argument("--bf16", action="store_true",
                    help="ours with zero.precision=bf16, the bare loop under torch.autocast(bfloat16)")
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
@@ -193,10 +193,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".", prefix="trainer_overhead-") as tmp:
         bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16)
         ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
-        fused_norm = "get_grad_norm_direct" in vars(ours_loop.engine.optimizer)
-        if fused_norm and args.deepspeed_grad_norm:
-            del ours_loop.engine.optimizer.get_grad_norm_direct  # back to DeepSpeed's class method
-            fused_norm = False
+        # Where the engine installed ours: the ZeRO optimizer's norm, or at stage 0 the engine's clip.
+        replaced = [(obj, name) for obj, name in ((ours_loop.engine.optimizer, "get_grad_norm_direct"),
+                                                  (ours_loop.engine, "clip_fp32_gradients")) if name in vars(obj)]
+        if args.deepspeed_grad_norm:
+            for obj, name in replaced:
+                delattr(obj, name)  # back to DeepSpeed's class method
+            replaced = []
+        fused_norm = bool(replaced)
         torch.set_num_threads(args.threads)  # after DeepSpeed's CPU set-up: both loops get the same
         bare_loop.run(1), ours_loop.run(1)  # warm-up
         # Alternate rounds of 5 steps, so a change in the machine's load hits both loops alike.

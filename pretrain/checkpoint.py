@@ -9,9 +9,10 @@ mid-save) and is never resumed from. `checkpoints/latest` names the newest compl
 is replaced by atomic rename. How the files are written (by their own rank, fsync'd, maybe
 in the background) is `checkpoint_writes`'s job.
 
-Resuming on another world size goes through DeepSpeed's universal checkpoint: the folder
-is converted once (`universal/` inside it, guarded by its own marker) and loaded with
-`load_universal`. Weights then differ from a same-size run in the last bits (the gradient
+Resuming on another world size goes through DeepSpeed's universal checkpoint where the
+optimizer state is partitioned (ZeRO stages 1-3): the folder is converted once
+(`universal/` inside it, guarded by its own marker) and loaded with `load_universal`.
+Stage 0 keeps the whole optimizer in one file, which loads as it is. Weights then differ from a same-size run in the last bits (the gradient
 averaging changes), but the data position, step, schedule and optimizer moments carry
 over.
 """
@@ -219,6 +220,11 @@ class Checkpointer:
     def read_state(folder: Path) -> dict[str, Any]:
         return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
+    @staticmethod
+    def partitioned(folder: Path) -> bool:
+        """Whether the optimizer state is cut into per-rank files (`*_optim_states.pt`)."""
+        return any(Path(folder).glob("*_optim_states.pt"))
+
     def prepare_universal(self, folder: Path) -> Path:
         """Convert `folder` to DeepSpeed's world-size independent layout (rank 0, once)."""
         out = folder / UNIVERSAL_DIR
@@ -233,7 +239,7 @@ class Checkpointer:
         barrier()
         return out
 
-    def load(self, engine, folder: Path, *, universal: bool) -> dict[str, Any]:
+    def load(self, engine, folder: Path, *, universal: bool, same_world: bool) -> dict[str, Any]:
         """Restore engine (weights, optimizer, schedule) and, at the same world size, RNG."""
         load_dir, tag = (folder, UNIVERSAL_DIR) if universal else (self.root, folder.name)
         path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -241,7 +247,7 @@ class Checkpointer:
             raise UserError(f"{folder}: DeepSpeed could not load this checkpoint")
         state = self.read_state(folder)
         rng_file = folder / f"rng-rank{self.rank:05d}.pt"
-        if not universal and rng_file.exists():
+        if same_world and rng_file.exists():
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
         return state
 

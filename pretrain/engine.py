@@ -43,6 +43,12 @@ class ZeroConfig:
             raise ConfigError(f"{where}.grad_dtype: must be fp32 or bf16, got {self.grad_dtype!r}")
         if self.precision == "fp32" and self.grad_dtype != "fp32":
             raise ConfigError(f"{where}.grad_dtype: bf16 gradients need precision bf16 (fp32 weights have fp32 gradients)")
+        if self.stage == 0 and self.precision == "bf16":
+            # DeepSpeed's stage-0 bf16 optimizer (FP16_UnfusedOptimizer) steps our AdamW once on
+            # zero gradients as it starts: Adam's step count then runs one ahead of the schedule
+            # and weight decay is applied once before training. Stages 1-3 do neither.
+            raise ConfigError(f"{where}.precision: bf16 needs ZeRO stage 1-3 (DeepSpeed's stage-0 bf16 optimizer "
+                              f"takes an extra Adam step as it starts); set {where}.stage=1")
 
 
 def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, grad_accum: int, clip_grad: float) -> dict[str, Any]:
@@ -115,7 +121,7 @@ def build_engine(
         lr_scheduler=lambda opt: build_scheduler(optim_cfg, opt, total_steps),
         config=ds_config,
     )
-    install_fused_grad_norm(engine.optimizer)  # ZeRO 1-3: DeepSpeed's per-parameter norm, fused
+    install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm, fused
     return engine
 
 

@@ -22,6 +22,7 @@ from sharding.atomic import atomic_open, atomic_write_text
 from sharding.errors import UserError, cli_entry
 
 CONFIG_KEY = "model_config"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's: module, and at stage 0 the optimizer
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
@@ -45,7 +46,9 @@ def consolidated_state_dict(folder: Path, *, ema: bool = False) -> dict[str, tor
             raise UserError(f"{folder}: this run kept no EMA weights (train.ema_decay was 0)")
         return {k: v.float().contiguous() for k, v in state["ema"].items()}
     optimizer_files = _optimizer_files(folder)
-    if optimizer_files and _is_bf16_optimizer(optimizer_files[0]):
+    if not optimizer_files:  # stage 0 (fp32 only): the module's own weights are the master copy
+        return {k: v.float().contiguous() for k, v in _load(folder / MODEL_STATES)["module"].items()}
+    if _is_bf16_optimizer(optimizer_files[0]):
         return _bf16_optimizer_weights(folder, optimizer_files)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -82,7 +85,7 @@ def _bf16_optimizer_weights(folder: Path, optimizer_files: list[Path]) -> dict[s
     layout is ZeRO-1's: each parameter group flattened in order, padded at the end, and cut
     into equal rank slices."""
     states = [_load(f)["optimizer_state_dict"] for f in optimizer_files]
-    model_states = _load(folder / "mp_rank_00_model_states.pt")
+    model_states = _load(folder / MODEL_STATES)
     weights = {k: v.float().clone() for k, v in (model_states.get("frozen_param_fragments") or {}).items()}
     for group, group_shapes in enumerate(model_states["param_shapes"]):
         flat = torch.cat([state["single_partition_of_fp32_groups"][group] for state in states])

@@ -88,7 +88,10 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
         say(rank, f"resuming from {resume} (step {saved['step']}, saved on {saved['world_size']} ranks)")
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-    universal = bool(saved) and saved["world_size"] != world
+    world_changed = bool(saved) and saved["world_size"] != world
+    # Partitioned optimizer state must be re-cut for the new world size through DeepSpeed's
+    # universal layout; stage 0 keeps the whole optimizer in one file any world size loads.
+    universal = world_changed and Checkpointer.partitioned(resume)
 
     # ---------------------------------------------------------------- data
     loader = build_train_loader(cfg.data, img_size=cfg.model.img_size, global_batch=cfg.train.batch_size,
@@ -111,12 +114,12 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     # ---------------------------------------------------------------- restore
     start_step, samples_seen, skips = 0, 0, 0
     if saved:
-        state = checkpointer.load(engine, resume, universal=universal)
+        state = checkpointer.load(engine, resume, universal=universal, same_world=not world_changed)
         loader.load_state_dict(state["data"])
         start_step, samples_seen, skips = state["step"], state["samples_seen"], state.get("nonfinite_skips", 0)
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
-        if universal:
+        if world_changed:
             torch.manual_seed(cfg.run.seed * 1_000_003 + rank + 1 + start_step)
 
     # ---------------------------------------------------------------- train

@@ -147,8 +147,9 @@ class Trainer:
                     self._skip_nonfinite(step + 1)
                     continue
                 step += 1
-                grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-                if not math.isfinite(grad_norm):
+                norm = self.engine.get_global_grad_norm()  # None only at stage 0 with clipping off
+                grad_norm = None if norm is None else float(norm)
+                if grad_norm is not None and not math.isfinite(grad_norm):
                     raise NonFiniteLoss(f"step {step}: gradient norm is {grad_norm}; stopping (resume from the last checkpoint)")
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
@@ -194,7 +195,8 @@ class Trainer:
         if self.peak and self.flops_per_image:
             world = self.engine.world_size
             stats["mfu"] = 3 * self.flops_per_image * stats["images_per_s"] / (self.peak * world)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", gnorm=f"{stats['grad_norm']:.2f}",
+        gnorm = {"gnorm": f"{stats['grad_norm']:.2f}"} if "grad_norm" in stats else {}
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **gnorm,
                         img_s=f"{stats['images_per_s']:.0f}", wait=f"{stats['data_wait']:.0%}")
         self.log.write(step, "train", stats)
 
@@ -219,10 +221,12 @@ class _Window:
             out = {
                 "loss": sum(self.loss) / len(self.loss),
                 "last_loss": self.loss[-1],
-                "grad_norm": sum(self.grad_norm) / len(self.grad_norm),
                 "lr": self.lr,
                 "images_per_s": self.images / max(self.seconds, 1e-9),
                 "data_wait": self.wait / max(self.seconds, 1e-9),
             }
+            known = [g for g in self.grad_norm if g is not None]  # absent where nothing computed it
+            if known:
+                out["grad_norm"] = sum(known) / len(known)
         self.loss, self.grad_norm, self.seconds, self.wait, self.images = [], [], 0.0, 0.0, 0
         return out

@@ -14,6 +14,11 @@ result is still summed over the group the gradients are partitioned over and rep
 
 Installed per optimizer instance (never on DeepSpeed's classes), and only where the method
 it replaces has nothing more to do: norm type 2, no tensor parallelism, no experts.
+
+At stage 0 (fp32 only) there is no ZeRO optimizer: the engine clips the whole gradient itself,
+again one parameter at a time, and drops the norm, so `get_global_grad_norm()` is None, the
+logged norm would be blank and a non-finite gradient would pass unseen. There the engine's
+clip is replaced by `torch.nn.utils.clip_grad_norm_`, whose norm the engine then reports.
 """
 from __future__ import annotations
 
@@ -42,11 +47,28 @@ def fused_grad_norm(self, gradients, params, norm_type=2):
     return total.masked_fill_(~torch.isfinite(total), -1.0)
 
 
-def install_fused_grad_norm(optimizer) -> bool:
-    """Give a ZeRO optimizer the fused norm; False (and unchanged) for any other."""
+def fused_clip_fp32_gradients(self):
+    """The stage-0 fp32 engine's clip_fp32_gradients, one fused pass, keeping its norm.
+
+    Every rank holds the whole gradient, already averaged over the ranks, so the norm needs
+    no collective. A non-finite norm is kept as it is (the trainer stops on it)."""
+    grads = [p for p in self.module.parameters() if p.grad is not None]
+    self._global_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.gradient_clipping())
+
+
+def install_fused_grad_norm(engine) -> bool:
+    """Give the engine the fused norm where DeepSpeed's is per parameter; False (and
+    unchanged) for a model-parallel or expert set-up, or an optimizer that is not ZeRO's
+    (DeepSpeed's BF16_Optimizer at ZeRO-1 under bf16 with fp32 gradients keeps its own)."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+    optimizer = engine.optimizer
+    if engine.zero_optimization_stage() == 0:
+        if engine.mpu is not None:
+            return False
+        engine.clip_fp32_gradients = types.MethodType(fused_clip_fp32_gradients, engine)
+        return True
     if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
         return False
     # With tensor parallelism DeepSpeed counts each shared parameter on one model-parallel rank

@@ -99,6 +99,9 @@ def test_bf16_gradients_accumulate_and_reduce_in_fp32_unless_asked():
         ds(precision="fp32", grad_dtype="bf16")
     with pytest.raises(ConfigError, match="zero.grad_dtype"):
         ds(precision="bf16", grad_dtype="fp16")
+    for grad_dtype in ("fp32", "bf16"):  # DeepSpeed refuses the first; the second would start one Adam step ahead
+        with pytest.raises(ConfigError, match="zero.precision: bf16 needs ZeRO stage 1-3"):
+            ds(stage=0, precision="bf16", grad_dtype=grad_dtype)
 
 
 def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
