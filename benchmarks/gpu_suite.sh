@@ -2,8 +2,8 @@
 # The GPU figures of docs/PERFORMANCE.md in one run (about 8 minutes on one H100/H200):
 # model speed and bf16 MFU of ViT-B/16 and ViT-H/14 against timm, then the trainer's
 # step against a bare loop (fp32 with TF32) for ViT-B/16 without ZeRO (with our clip and with
-# DeepSpeed's) and with ZeRO-1, and for ViT-H/14 with ZeRO-1; then ViT-H/14 as its recipe trains (ZeRO-2, bf16) with fp32 and with
-# bf16 gradients, against a bare bf16-autocast loop.
+# DeepSpeed's) and with ZeRO-1, and for ViT-H/14 with ZeRO-1; then ViT-H/14 as its recipe
+# trains (ZeRO-2, bf16) with fp32 and with bf16 gradients, against a bare bf16-autocast loop.
 #
 #     bash benchmarks/gpu_suite.sh 2>&1 | tee gpu.log
 set -euo pipefail
