@@ -12,9 +12,9 @@ in the background) is `checkpoint_writes`'s job.
 Resuming on another world size goes through DeepSpeed's universal checkpoint where the
 optimizer state is partitioned (ZeRO stages 1-3): the folder is converted once
 (`universal/` inside it, guarded by its own marker) and loaded with `load_universal`.
-Stage 0 keeps the whole optimizer in one file, which loads as it is. Weights then differ from a same-size run in the last bits (the gradient
-averaging changes), but the data position, step, schedule and optimizer moments carry
-over.
+Stage 0 keeps the whole optimizer in one file, which loads as it is. Weights then differ
+from a same-size run in the last bits (the gradient averaging changes), but the data
+position, step, schedule and optimizer moments carry over.
 """
 from __future__ import annotations
 

@@ -63,12 +63,12 @@ def install_fused_grad_norm(engine) -> bool:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    optimizer = engine.optimizer
     if engine.zero_optimization_stage() == 0:
         if engine.mpu is not None:
             return False
         engine.clip_fp32_gradients = types.MethodType(fused_clip_fp32_gradients, engine)
         return True
+    optimizer = engine.optimizer
     if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
         return False
     # With tensor parallelism DeepSpeed counts each shared parameter on one model-parallel rank
