@@ -241,7 +241,7 @@ def main() -> None:
         ckpt.finish()
         norms = norm_timings(engine, ours_loop.trainer, images, targets)
 
-    params = sum(p.numel() for p in engine.module.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: partitioned
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
           f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"

@@ -4,7 +4,7 @@ each (GPU kernels and CPU ops) and a cProfile of our step's Python side.
 The loops are those of trainer_overhead.py (same model, optimizer, batch); ours runs
 ZeRO-1 (or `--stage`) with the paper recipes' 2e8-element buckets.
 
-    python benchmarks/trainer_profile.py [--model vit_h14] [--batch 32] [--img 224] [--stage 1]
+    python benchmarks/trainer_profile.py [--model vit_h14] [--batch 32] [--img 224] [--stage 1] [--bf16]
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--steps", type=int, default=3, help="profiled steps of each loop")
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine")
+    p.add_argument("--bf16", action="store_true",
+                   help="ours with zero.precision=bf16 (fp32 gradients), the bare loop under torch.autocast(bfloat16)")
     args = p.parse_args()
     distributed.init_process_group(distributed.detect(), 600)
     cuda = torch.cuda.is_available()
@@ -48,9 +50,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     targets = torch.randint(0, 100, (args.batch,), generator=g).to(device)
-    zero = ZeroConfig(stage=args.stage, reduce_bucket_size=200_000_000, allgather_bucket_size=200_000_000)
+    zero = ZeroConfig(stage=args.stage, precision="bf16" if args.bf16 else "fp32",
+                      reduce_bucket_size=200_000_000, allgather_bucket_size=200_000_000)
     total = 3 * args.steps + 10
-    loops = {"bare": BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0),
+    loops = {"bare": BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16),
              "ours": OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tempfile.mkdtemp()), zero)}
     for loop in loops.values():  # warm-up: allocator, kernels, DeepSpeed's first-step set-up
         loop.run(2)

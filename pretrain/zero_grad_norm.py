@@ -15,6 +15,12 @@ result is still summed over the group the gradients are partitioned over and rep
 Installed per optimizer instance (never on DeepSpeed's classes), and only where the method
 it replaces has nothing more to do: norm type 2, no tensor parallelism, no experts.
 
+Under bf16, DeepSpeed's ZeRO-1/2 optimizer also scans every gradient for inf/NaN before the
+norm, again one parameter at a time, then all-reduces the flag and reads it on the host:
+~150-390 checks and a host sync a step. Its step already treats a non-finite norm as that
+same overflow (skips the step, reports the norm as inf), and the norm is computed every step,
+so the scan is dropped there, as DeepSpeed's ZeRO-3 does for bf16 (the norm alone).
+
 At stage 0 (fp32 only) there is no ZeRO optimizer: the engine clips the whole gradient itself,
 again one parameter at a time, and drops the norm, so `get_global_grad_norm()` is None, the
 logged norm would be blank and a non-finite gradient would pass unseen. There the engine's
@@ -56,6 +62,12 @@ def fused_clip_fp32_gradients(self):
     self._global_grad_norm = torch.nn.utils.clip_grad_norm_(grads, self.gradient_clipping())
 
 
+def overflow_from_norm(self, partition_gradients=True):
+    """The ZeRO-1/2 optimizer's check_overflow for bf16: nothing before the norm; step()
+    flags the step as overflowed when the fused norm comes back non-finite."""
+    self.overflow = False
+
+
 def install_fused_grad_norm(engine) -> bool:
     """Give the engine the fused norm where DeepSpeed's is per parameter; False (and
     unchanged) for a model-parallel or expert set-up, or an optimizer that is not ZeRO's
@@ -76,4 +88,7 @@ def install_fused_grad_norm(engine) -> bool:
     if optimizer.model_parallel_group is not None or getattr(optimizer, "has_moe_layers", False):
         return False
     optimizer.get_grad_norm_direct = types.MethodType(fused_grad_norm, optimizer)
+    if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.dtype == torch.bfloat16
+            and optimizer.compute_grad_norm and not optimizer.cpu_offload):
+        optimizer.check_overflow = types.MethodType(overflow_from_norm, optimizer)
     return True

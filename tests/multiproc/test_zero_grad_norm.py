@@ -16,6 +16,8 @@ def test_fused_norm_matches_deepspeed_and_first_principles(torchrun_ranks):
         for r in ranks:
             got = r[stage]
             assert got["installed"], f"{stage}: the engine kept DeepSpeed's per-parameter norm"
+            # Whole-bucket all-reduce at stages 1-2; stage 3's real reduce-scatter (pretrain/engine.py).
+            assert got["reduce_scatter"] == (stage == "stage3"), (stage, got)
             assert len(got["ours"]) == len(got["deepspeed"]) >= 2
             assert got["ours"] == pytest.approx(got["deepspeed"], rel=1e-5), (stage, got)
             if stage != "stage3":  # ZeRO-3 norms are per sub-group: only the total below compares
@@ -29,3 +31,9 @@ def test_fused_norm_matches_deepspeed_and_first_principles(torchrun_ranks):
         assert got["installed"], got
         assert got["engine_norm"] == pytest.approx(math.hypot(*reference), rel=1e-5), got
         assert got["nonfinite_norm"] in ("inf", "nan"), got
+    for key in ("bf16_stage1_bf16_grads", "bf16_stage2_bf16_grads", "bf16_stage2_fp32_grads"):
+        for r in ranks:  # bf16: no per-parameter inf/NaN scan, and still no step on an infinite gradient
+            got = r[key]
+            assert got["optimizer"] == "DeepSpeedZeroOptimizer" and got["scan_dropped"], (key, got)
+            assert not got["bad_moved"] and got["bad_norm"] == "inf", (key, got)
+            assert got["moved"] and 0 < got["norm"] < math.inf, (key, got)

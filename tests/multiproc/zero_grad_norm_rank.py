@@ -8,7 +8,10 @@ batches, its gradients averaged; at stage 3, whose groups are DeepSpeed's sub-gr
 the total is compared). Then a non-finite gradient on rank 0 must make both ranks
 report DeepSpeed's -1 sentinel, and a step must clip with our norm. At stage 0 (fp32) the
 engine clips the whole gradient itself: its reported norm must be the true one, and an
-infinite gradient on rank 0 must show on both ranks. Prints one JSON line.
+infinite gradient on rank 0 must show on both ranks. Under bf16 the ZeRO-1/2 optimizer's own
+per-parameter inf/NaN scan is dropped (pretrain/zero_grad_norm.py): an infinite gradient on
+rank 0 must still make both ranks skip the step, and the next finite step must train.
+Prints one JSON line.
 """
 import math
 import sys
@@ -66,8 +69,8 @@ def check_stage(stage: int, rank: int, world: int) -> dict:
         sentinels[label] = opt.get_grad_norm_direct(*args[0]).item()
     first.view(-1)[0] = saved
     engine.step()
-    return {"installed": "get_grad_norm_direct" in vars(opt), "ours": ours, "deepspeed": theirs,
-            "sentinels": sentinels, "engine_norm": float(engine.get_global_grad_norm())}
+    return {"installed": "get_grad_norm_direct" in vars(opt), "reduce_scatter": opt.reduce_scatter,
+            "ours": ours, "deepspeed": theirs, "sentinels": sentinels, "engine_norm": float(engine.get_global_grad_norm())}
 
 
 def check_stage0(rank: int, world: int) -> dict:
@@ -89,6 +92,32 @@ def check_stage0(rank: int, world: int) -> dict:
             "nonfinite_norm": None if bad is None else str(float(bad))}
 
 
+def check_bf16_overflow(stage: int, grad_dtype: str, rank: int, world: int) -> dict:
+    """bf16 ZeRO-1/2 with the scan dropped: a non-finite gradient skips the step on every rank."""
+    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
+                      reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
+    torch.manual_seed(0)
+    engine = build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=3)
+    x, y = rank_batch(rank)
+    x = x.to(torch.bfloat16)
+
+    def step() -> tuple[bool, float]:
+        before = [p.detach().clone() for p in engine.module.parameters()]
+        engine.backward(F.cross_entropy(engine(x).float(), y))
+        engine.step()
+        moved = any(not torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+        return moved, float(engine.get_global_grad_norm())
+
+    hook = next(engine.module.parameters()).register_hook(lambda grad: grad * math.inf) if rank == 0 else None
+    bad_moved, bad_norm = step()
+    if hook is not None:
+        hook.remove()
+    moved, norm = step()
+    return {"optimizer": type(engine.optimizer).__name__, "scan_dropped": "check_overflow" in vars(engine.optimizer),
+            "bad_moved": bad_moved, "bad_norm": str(bad_norm), "moved": moved, "norm": norm}
+
+
 def main() -> int:
     distributed.init_process_group(distributed.detect(), 600)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -96,6 +125,8 @@ def main() -> int:
     for stage in (1, 2, 3):
         result[f"stage{stage}"] = check_stage(stage, rank, world)
     result["stage0"] = check_stage0(rank, world)
+    for stage, grad_dtype in ((1, "bf16"), (2, "bf16"), (2, "fp32")):  # ZeRO-1 with fp32 gradients is BF16_Optimizer's
+        result[f"bf16_stage{stage}_{grad_dtype}_grads"] = check_bf16_overflow(stage, grad_dtype, rank, world)
     report(rank, result)
     distributed.shutdown()
     return 0
