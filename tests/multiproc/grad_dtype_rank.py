@@ -5,7 +5,8 @@ stages 1, 2 and 3, with `zero.grad_dtype` fp32 (the default) and bf16. The optim
 plain SGD with lr 1 and no clipping, so the step moves the fp32 master weights by exactly
 the gradient DeepSpeed accumulated and reduced. The reference is the exact mean of the
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
-micro-batches and ranks). Prints one JSON line: the step's error relative to the reference.
+micro-batches and ranks). Prints one JSON line: the step's error relative to the reference,
+and which set-ups all-reduced their gradients in place.
 
     torchrun --nproc_per_node 2 tests/multiproc/grad_dtype_rank.py [MICRO_BATCHES]   (default 16)
 """
@@ -27,7 +28,9 @@ MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
 
 
-def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int) -> float:
+def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int) -> tuple[float, bool]:
+    """The step's relative error, and whether the gradients were all-reduced in place
+    (pretrain/bf16_grad_reduce.py)."""
     zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
@@ -54,16 +57,18 @@ def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: i
         v /= world
     after = {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
     error = sum((before[k] - after[k] - exact[k]).square().sum() for k in exact).sqrt()
-    return (error / sum(v.square().sum() for v in exact.values()).sqrt()).item()
+    in_place = "buffered_allreduce_fallback" in vars(engine)
+    return (error / sum(v.square().sum() for v in exact.values()).sqrt()).item(), in_place
 
 
 def main() -> None:
     distributed.init_process_group(distributed.detect(), 300)
     rank, world = dist.get_rank(), dist.get_world_size()
     accumulate = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-    errors = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
-              for stage in (1, 2, 3) for grad_dtype in ("fp32", "bf16")}
-    report(rank, errors)
+    results = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
+               for stage in (1, 2, 3) for grad_dtype in ("fp32", "bf16")}
+    report(rank, {"errors": {k: error for k, (error, _) in results.items()},
+                  "reduced_in_place": sorted(k for k, (_, in_place) in results.items() if in_place)})
     dist.destroy_process_group()
 
 
