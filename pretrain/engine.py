@@ -128,7 +128,7 @@ def build_engine(
         lr_scheduler=lambda opt: build_scheduler(optim_cfg, opt, total_steps),
         config=ds_config,
     )
-    install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm, fused
+    install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm (and bf16 overflow scan), fused
     install_in_place_grad_allreduce(engine)  # ZeRO-1 bf16: no copies around the gradient all-reduce
     return engine
 

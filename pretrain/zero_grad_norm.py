@@ -69,7 +69,8 @@ def overflow_from_norm(self, partition_gradients=True):
 
 
 def install_fused_grad_norm(engine) -> bool:
-    """Give the engine the fused norm where DeepSpeed's is per parameter; False (and
+    """Give the engine the fused norm where DeepSpeed's is per parameter (and, under bf16 at
+    ZeRO-1/2, drop the per-parameter overflow scan the norm makes redundant); False (and
     unchanged) for a model-parallel or expert set-up, or an optimizer that is not ZeRO's
     (DeepSpeed's BF16_Optimizer at ZeRO-1 under bf16 with fp32 gradients keeps its own)."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
