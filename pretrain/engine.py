@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from pretrain.bf16_grad_reduce import install_in_place_grad_allreduce
+from pretrain.bf16_flat_grads import install_flat_gradients
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
 from pretrain.zero_grad_norm import install_fused_grad_norm
 from sharding.config_loader import ConfigError
@@ -129,7 +129,7 @@ def build_engine(
         config=ds_config,
     )
     install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm (and bf16 overflow scan), fused
-    install_in_place_grad_allreduce(engine)  # ZeRO-1 bf16: no copies around the gradient all-reduce
+    install_flat_gradients(engine)  # ZeRO-1 bf16: gradients reduced in place, normed and clipped whole
     return engine
 
 

@@ -30,9 +30,11 @@ def torchrun_ranks():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", str(script)]
-        p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                           timeout=timeout)
-        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        # DeepSpeed's deprecated torch.distributed calls warn on every rank and engine; quiet,
+        # they would fill the output a failure shows.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert p.returncode == 0, f"exit {p.returncode}\n" + (p.stdout + p.stderr)[-4000:]
         reports = {}
         for line in p.stdout.splitlines():
             if line.startswith("RANK"):

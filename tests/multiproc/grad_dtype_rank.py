@@ -30,7 +30,7 @@ PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warm
 
 def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int) -> tuple[float, bool]:
     """The step's relative error, and whether the gradients were all-reduced in place
-    (pretrain/bf16_grad_reduce.py)."""
+    (pretrain/bf16_flat_grads.py)."""
     zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
@@ -69,7 +69,7 @@ def main() -> None:
                for stage in (1, 2, 3) for grad_dtype in ("fp32", "bf16")}
     report(rank, {"errors": {k: error for k, (error, _) in results.items()},
                   "reduced_in_place": sorted(k for k, (_, in_place) in results.items() if in_place)})
-    dist.destroy_process_group()
+    distributed.shutdown()  # DeepSpeed's communication threads joined before teardown
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ def test_fused_norm_matches_deepspeed_and_first_principles(torchrun_ranks):
         assert got["installed"], got
         assert got["engine_norm"] == pytest.approx(math.hypot(*reference), rel=1e-5), got
         assert got["nonfinite_norm"] in ("inf", "nan"), got
+    for r in ranks:  # BF16_Optimizer: norm over its flat buffers, equal to its per-parameter one
+        got = r["bf16_optimizer"]
+        assert got["optimizer"] == "BF16_Optimizer" and got["installed"], got
+        assert got["ours"] == pytest.approx(got["deepspeed"], rel=1e-5) and got["ours"] > 0, got
+        assert got["engine_norm"] == pytest.approx(got["ours"], rel=1e-5), got
     for key in ("bf16_stage1_bf16_grads", "bf16_stage2_bf16_grads", "bf16_stage2_fp32_grads"):
         for r in ranks:  # bf16: no per-parameter inf/NaN scan, and still no step on an infinite gradient
             got = r[key]

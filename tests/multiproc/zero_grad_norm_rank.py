@@ -10,7 +10,9 @@ report DeepSpeed's -1 sentinel, and a step must clip with our norm. At stage 0 (
 engine clips the whole gradient itself: its reported norm must be the true one, and an
 infinite gradient on rank 0 must show on both ranks. Under bf16 the ZeRO-1/2 optimizer's own
 per-parameter inf/NaN scan is dropped (pretrain/zero_grad_norm.py): an infinite gradient on
-rank 0 must still make both ranks skip the step, and the next finite step must train.
+rank 0 must still make both ranks skip the step, and the next finite step must train; at
+ZeRO-1 with fp32 gradients (BF16_Optimizer) the norm over whole gradient buffers must equal
+DeepSpeed's per-parameter one.
 Prints one JSON line.
 """
 import math
@@ -92,6 +94,25 @@ def check_stage0(rank: int, world: int) -> dict:
             "nonfinite_norm": None if bad is None else str(float(bad))}
 
 
+def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
+    """ZeRO-1 under bf16 with fp32 gradients (DeepSpeed's BF16_Optimizer): the norm over its
+    flat gradient buffers (pretrain/bf16_flat_grads.py) against DeepSpeed's per-parameter one."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+    zero = ZeroConfig(stage=1, precision="bf16", reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
+    torch.manual_seed(0)
+    engine = build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=2)
+    opt = engine.optimizer
+    x, y = rank_batch(rank)
+    engine.backward(F.cross_entropy(engine(x.to(torch.bfloat16)).float(), y))
+    ours = get_global_norm_of_tensors(opt.get_grads_for_norm()[0]).item()
+    theirs = get_global_norm_of_tensors(type(opt).get_grads_for_norm(opt)[0]).item()
+    engine.step()
+    return {"optimizer": type(opt).__name__, "installed": "get_grads_for_norm" in vars(opt), "ours": ours,
+            "deepspeed": theirs, "engine_norm": float(engine.get_global_grad_norm())}
+
+
 def check_bf16_overflow(stage: int, grad_dtype: str, rank: int, world: int) -> dict:
     """bf16 ZeRO-1/2 with the scan dropped: a non-finite gradient skips the step on every rank."""
     zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
@@ -125,6 +146,7 @@ def main() -> int:
     for stage in (1, 2, 3):
         result[f"stage{stage}"] = check_stage(stage, rank, world)
     result["stage0"] = check_stage0(rank, world)
+    result["bf16_optimizer"] = check_bf16_optimizer_norm(rank, world)
     for stage, grad_dtype in ((1, "bf16"), (2, "bf16"), (2, "fp32")):  # ZeRO-1 with fp32 gradients is BF16_Optimizer's
         result[f"bf16_stage{stage}_{grad_dtype}_grads"] = check_bf16_overflow(stage, grad_dtype, rank, world)
     report(rank, result)
