@@ -94,15 +94,21 @@ def check_stage0(rank: int, world: int) -> dict:
             "nonfinite_norm": None if bad is None else str(float(bad))}
 
 
+def bf16_engine(stage: int, grad_dtype: str, world: int):
+    """A bf16 engine as vit-pretrain builds it, small buckets, clipping at 1, 3 scheduled steps."""
+    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
+                      reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
+    torch.manual_seed(0)
+    return build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=3)
+
+
 def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
     """ZeRO-1 under bf16 with fp32 gradients (DeepSpeed's BF16_Optimizer): the norm over its
     flat gradient buffers (pretrain/bf16_flat_grads.py) against DeepSpeed's per-parameter one."""
     from deepspeed.runtime.utils import get_global_norm_of_tensors
 
-    zero = ZeroConfig(stage=1, precision="bf16", reduce_bucket_size=20_000, allgather_bucket_size=20_000)
-    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
-    torch.manual_seed(0)
-    engine = build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=2)
+    engine = bf16_engine(1, "fp32", world)
     opt = engine.optimizer
     x, y = rank_batch(rank)
     engine.backward(F.cross_entropy(engine(x.to(torch.bfloat16)).float(), y))
@@ -115,11 +121,7 @@ def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
 
 def check_bf16_overflow(stage: int, grad_dtype: str, rank: int, world: int) -> dict:
     """bf16 ZeRO-1/2 with the scan dropped: a non-finite gradient skips the step on every rank."""
-    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
-                      reduce_bucket_size=20_000, allgather_bucket_size=20_000)
-    ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
-    torch.manual_seed(0)
-    engine = build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=3)
+    engine = bf16_engine(stage, grad_dtype, world)
     x, y = rank_batch(rank)
     x = x.to(torch.bfloat16)
 
