@@ -14,6 +14,7 @@ import torch
 
 from pretrain.bf16_flat_grads import install_flat_gradients
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
+from pretrain.zero2_fp32_reduce import install_fp32_bucket_reduction
 from pretrain.zero_grad_norm import install_fused_grad_norm
 from sharding.config_loader import ConfigError
 
@@ -130,6 +131,7 @@ def build_engine(
     )
     install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm (and bf16 overflow scan), fused
     install_flat_gradients(engine)  # ZeRO-1 bf16: gradients reduced in place, normed and clipped whole
+    install_fp32_bucket_reduction(engine)  # ZeRO-2 bf16: the fp32-reduced bucket not copied back
     return engine
 
 
