@@ -82,7 +82,10 @@ def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, gr
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision == "bf16",
+                 # BF16_Optimizer (ZeRO-1, fp32 gradients): each bf16 gradient moves into the
+                 # fp32 buffer as backward produces it and is freed (pretrain/bf16_flat_grads.py).
+                 "immediate_grad_update": cfg.precision == "bf16" and cfg.grad_dtype == "fp32"},
         **(_bf16_gradients(cfg.grad_dtype) if cfg.precision == "bf16" else {}),
         # Our optimizer is torch's AdamW/SGD; DeepSpeed only vouches for its own.
         "zero_allow_untested_optimizer": True,

@@ -5,14 +5,17 @@ stages 1, 2 and 3, with `zero.grad_dtype` fp32 (the default) and bf16. The optim
 plain SGD with lr 1 and no clipping, so the step moves the fp32 master weights by exactly
 the gradient DeepSpeed accumulated and reduced. The reference is the exact mean of the
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
-micro-batches and ranks). ZeRO-2 with fp32 gradients runs a second time with DeepSpeed's own
-bucket reduction (the copy back into the bf16 bucket that pretrain/zero2_fp32_reduce.py
-drops). Prints one JSON line: the step's error relative to the reference, which set-ups ran
-which of our reduction changes, and whether the two ZeRO-2 runs ended bitwise equal.
+micro-batches and ranks). ZeRO-1 and ZeRO-2 with fp32 gradients run a second time with
+DeepSpeed's own paths (every method pretrain/ installed on the engine taken out again). And
+at ZeRO-1 with fp32 gradients, a parameter that gets no gradient in a step must not move.
+Prints one JSON line: the step's error relative to the reference, which set-ups ran which
+of our changes, whether ours and DeepSpeed's own ended bitwise equal, and how far the
+unused parameter moved.
 
     torchrun --nproc_per_node 2 tests/multiproc/grad_dtype_rank.py [MICRO_BATCHES]   (default 16)
 """
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -28,28 +31,44 @@ from rank_report import report  # next to this script
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
+# Which of our replacements (method name -> where it lives) says which change ran.
+CHANGES = {"reduced_in_place": "buffered_allreduce_fallback",  # pretrain/bf16_flat_grads.py, on the engine
+           "written_not_added": "_update_hp_grad",  # pretrain/bf16_flat_grads.py
+           "not_copied_back": "gradient_reduction_w_predivide"}  # pretrain/zero2_fp32_reduce.py
 
 
-def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int,
-               deepspeed_reduction: bool = False) -> tuple[float, dict, dict]:
-    """The step's relative error; which of our reduction changes the engine ran (flat buffers
-    all-reduced in place, pretrain/bf16_flat_grads.py; the fp32 bucket not copied back,
-    pretrain/zero2_fp32_reduce.py); the fp32 weights after the step. `deepspeed_reduction`
-    takes the second change out again."""
+def engine_for(model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True):
     zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
                           clip_grad=0.0)
+    engine = build_engine(model, ds, PLAIN_SGD, total_steps=2)
+    if not ours:  # DeepSpeed's own methods again: ours are the instance attributes from pretrain/
+        for obj in (engine, engine.optimizer):
+            for name, value in list(vars(obj).items()):
+                if isinstance(value, types.MethodType) and value.__func__.__module__.startswith("pretrain."):
+                    delattr(obj, name)
+    return engine
+
+
+def installed(engine) -> dict[str, bool]:
+    return {change: method in vars(engine) or method in vars(engine.optimizer) for change, method in CHANGES.items()}
+
+
+def fp32_weights(engine) -> dict[str, torch.Tensor]:
+    return {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
+
+
+def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int,
+               ours: bool = True) -> tuple[float, dict, dict]:
+    """The step's relative error, which of our changes the engine ran, the fp32 weights after
+    the step. `ours=False`: with DeepSpeed's own methods."""
     torch.manual_seed(0)
     model = create_model("vit_ti16", **ARCH)
     plain = create_model("vit_ti16", **ARCH).to(torch.bfloat16)
     plain.load_state_dict(model.state_dict())
-    engine = build_engine(model, ds, PLAIN_SGD, total_steps=2)
-    if deepspeed_reduction:
-        del engine.optimizer.gradient_reduction_w_predivide  # back to the class's method
-    changes = {"reduced_in_place": "buffered_allreduce_fallback" in vars(engine),
-               "not_copied_back": "gradient_reduction_w_predivide" in vars(engine.optimizer)}
-    before = {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
+    engine = engine_for(model, stage, grad_dtype, accumulate, world, ours)
+    before = fp32_weights(engine)
     exact = {k: torch.zeros_like(v) for k, v in before.items()}
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(accumulate):
@@ -64,9 +83,37 @@ def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: i
     for v in exact.values():
         dist.all_reduce(v)
         v /= world
-    after = {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
+    after = fp32_weights(engine)
     error = sum((before[k] - after[k] - exact[k]).square().sum() for k in exact).sqrt()
-    return (error / sum(v.square().sum() for v in exact.values()).sqrt()).item(), changes, after
+    return (error / sum(v.square().sum() for v in exact.values()).sqrt()).item(), installed(engine), after
+
+
+class TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+        self.use_b = True
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
+def unused_parameter_move(world: int) -> float:
+    """ZeRO-1, fp32 gradients, one micro-batch a step: branch b is used in step 1 and not in
+    step 2. How far step 2 moved b's fp32 weights (0: it had no gradient; a gradient left over
+    from step 1 would move it by as much again)."""
+    torch.manual_seed(0)
+    model = TwoBranches()
+    engine = engine_for(model, 1, "fp32", 1, world)
+    x = torch.randn(MICRO, 8).to(torch.bfloat16)
+    engine.backward(engine(x).float().square().mean())
+    engine.step()
+    after_first = fp32_weights(engine)
+    model.use_b = False
+    engine.backward(engine(x).float().square().mean())
+    engine.step()
+    after_second = fp32_weights(engine)
+    return max((after_second[k] - after_first[k]).abs().max().item() for k in ("b.weight", "b.bias"))
 
 
 def main() -> None:
@@ -77,14 +124,15 @@ def main() -> None:
                for stage in (1, 2) for grad_dtype in ("fp32", "bf16")}
     # Before any ZeRO-3 engine: zero.Init leaves its own linear function in place for the rest
     # of the process, which rounds the bf16 gradients differently.
-    *_, deepspeeds = step_error(2, "fp32", accumulate, rank, world, deepspeed_reduction=True)
+    deepspeeds = {stage: step_error(stage, "fp32", accumulate, rank, world, ours=False)[2] for stage in (1, 2)}
+    moved = unused_parameter_move(world)
     results.update({f"stage3-{grad_dtype}": step_error(3, grad_dtype, accumulate, rank, world)
                     for grad_dtype in ("fp32", "bf16")})
-    ours = results["stage2-fp32"][2]
     report(rank, {"errors": {k: error for k, (error, _, _) in results.items()},
-                  **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change])
-                     for change in ("reduced_in_place", "not_copied_back")},
-                  "stage2_as_deepspeed": all(torch.equal(ours[k], deepspeeds[k]) for k in ours)})
+                  **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change]) for change in CHANGES},
+                  "as_deepspeed": {f"stage{stage}-fp32": all(torch.equal(results[f"stage{stage}-fp32"][2][k], w[k])
+                                                             for k in w) for stage, w in deepspeeds.items()},
+                  "unused_parameter_moved": moved})
     distributed.shutdown()  # DeepSpeed's communication threads joined before teardown
 
 

@@ -13,12 +13,16 @@ def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_ranks):
     ranks = torchrun_ranks(HERE / "grad_dtype_rank.py")
     assert ranks[0] == ranks[1]  # every rank stepped by the same gradient
     errors = ranks[0]["errors"]
-    # ZeRO-1 with fp32 gradients (DeepSpeed's BF16_Optimizer) reduces its flat buffers in place;
-    # ZeRO-2 with fp32 gradients does not copy the reduced bucket back, and still steps to the
-    # very weights DeepSpeed's own reduction gives.
+    # ZeRO-1 with fp32 gradients (DeepSpeed's BF16_Optimizer) reduces its flat buffers in place
+    # and writes each window's first gradient into them instead of zeroing and adding; ZeRO-2
+    # with fp32 gradients does not copy the reduced bucket back. Both step to the very weights
+    # DeepSpeed's own paths give.
     assert ranks[0]["reduced_in_place"] == ["stage1-fp32"], ranks[0]
+    assert ranks[0]["written_not_added"] == ["stage1-fp32"], ranks[0]
     assert ranks[0]["not_copied_back"] == ["stage2-fp32"], ranks[0]
-    assert ranks[0]["stage2_as_deepspeed"] is True, ranks[0]
+    assert ranks[0]["as_deepspeed"] == {"stage1-fp32": True, "stage2-fp32": True}, ranks[0]
+    # Step 1's gradient of a parameter unused in step 2 does not step it again.
+    assert ranks[0]["unused_parameter_moved"] == 0.0, ranks[0]
     for stage in (1, 2, 3):
         # Measured 0 to 6e-9: bf16 micro-batch gradients sum exactly in fp32 at this size.
         assert errors[f"stage{stage}-fp32"] < 1e-6, errors
