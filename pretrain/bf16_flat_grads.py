@@ -26,8 +26,8 @@ engine instance:
 With the engine's `bf16.immediate_grad_update` (pretrain/engine.py turns it on for this
 set-up) each bf16 gradient goes into its buffer as soon as backward produces it and is
 freed there, instead of all of them living until the end of backward and then being
-zeroed for the next one. On one CPU rank, ViT-S/16: 0.944-0.953 of the bare loop's speed
-before the last change and that option, 0.972-0.987 with both
+zeroed for the next one. On one CPU rank, ViT-S/16: 0.949-0.960 of the bare loop's speed
+before the last change and that option, 0.984-1.006 with both
 (`benchmarks/trainer_overhead.py --bf16 --stage 1`; docs/PERFORMANCE.md).
 Installed only where nothing else reduces, norms or accumulates these gradients: no
 pipeline or tensor parallelism, no experts, no Muon.

@@ -5,8 +5,8 @@ bucket, converts it to fp32, all-reduces that, adds this rank's slices into its 
 gradient partition, and also copies the fp32 result back into the bf16 bucket. Nothing
 reads the bucket after that: the partition is what the optimizer steps on, and the
 gradients outside it are dropped. So the copy back is one pass over the bucket per step
-for nothing (ViT-S/16 bf16 ZeRO-2 on one CPU rank: 0.927-0.929 of the bare loop's speed,
-0.938-0.945 without it, `benchmarks/trainer_overhead.py --bf16 --stage 2`).
+for nothing (ViT-S/16 bf16 ZeRO-2 on one CPU rank: 0.927-0.929 of the bare loop's speed
+with it, 0.938-0.945 without, `benchmarks/trainer_overhead.py --bf16 --stage 2`).
 
 Here the bucket is converted first and handed to DeepSpeed's own reduction, which then
 scales and all-reduces the fp32 tensor in place and returns it: the same arithmetic, so
