@@ -65,6 +65,8 @@ def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: i
     the step. `ours=False`: with DeepSpeed's own methods."""
     torch.manual_seed(0)
     model = create_model("vit_ti16", **ARCH)
+    # The paper's zero head would leave every other parameter without a gradient in a first step.
+    torch.nn.init.normal_(model.head.weight, std=0.02)
     plain = create_model("vit_ti16", **ARCH).to(torch.bfloat16)
     plain.load_state_dict(model.state_dict())
     engine = engine_for(model, stage, grad_dtype, accumulate, world, ours)
