@@ -1,6 +1,7 @@
 """One rank of the fused ZeRO gradient-norm check (run by test_zero_grad_norm.py under torchrun).
 
-For ZeRO stages 1, 2 and 3 the engine is built as vit-pretrain builds it, one micro-batch per
+For ZeRO stages 1, 2 and 3 the engine is built as vit-pretrain builds it (but with a non-zero
+head, so that every parameter has a gradient in the first backward), one micro-batch per
 rank goes through backward, and the norm of each parameter group's reduced gradient is
 computed three ways: by our fused method, by DeepSpeed's own per-parameter method on the
 same partitions, and from first principles (a plain copy of the model, run on both ranks'
@@ -31,6 +32,18 @@ from rank_report import report  # next to this script
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 
 
+def nonzero_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The paper's zero head would leave every other parameter without a gradient in a first
+    step; a small random one gives them all one. Same values on every rank (same seed), and
+    written whole where ZeRO-3 holds the head partitioned."""
+    import deepspeed
+
+    weight = model.head.weight
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=0, enabled=hasattr(weight, "ds_id")):
+        torch.nn.init.normal_(weight, std=0.02)
+    return model
+
+
 def rank_batch(rank: int):
     g = torch.Generator().manual_seed(100 + rank)
     return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
@@ -39,7 +52,7 @@ def rank_batch(rank: int):
 def reference_group_norms(world: int) -> list[float]:
     """Per-group norm of the world-averaged gradient, from a plain model (same init)."""
     torch.manual_seed(0)
-    model = create_model("vit_ti16", **ARCH)
+    model = nonzero_head(create_model("vit_ti16", **ARCH))
     for rank in range(world):
         x, y = rank_batch(rank)
         (F.cross_entropy(model(x), y) / world).backward()
@@ -52,7 +65,7 @@ def check_stage(stage: int, rank: int, world: int) -> dict:
     zero = ZeroConfig(stage=stage, reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
     torch.manual_seed(0)
-    model = build_model_for(zero, ds, lambda: create_model("vit_ti16", **ARCH))
+    model = nonzero_head(build_model_for(zero, ds, lambda: create_model("vit_ti16", **ARCH)))
     engine = build_engine(model, ds, OptimConfig(warmup_steps=1), total_steps=2)
     opt = engine.optimizer
     x, y = rank_batch(rank)
@@ -79,7 +92,7 @@ def check_stage0(rank: int, world: int) -> dict:
     """No ZeRO optimizer: the engine's own clip, replaced, must report the norm it clipped with."""
     ds = deepspeed_config(ZeroConfig(stage=0), global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
     torch.manual_seed(0)
-    engine = build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=3)
+    engine = build_engine(nonzero_head(create_model("vit_ti16", **ARCH)), ds, OptimConfig(warmup_steps=1), total_steps=3)
     x, y = rank_batch(rank)
     engine.backward(F.cross_entropy(engine(x), y))
     engine.step()
@@ -100,7 +113,7 @@ def bf16_engine(stage: int, grad_dtype: str, world: int):
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
     torch.manual_seed(0)
-    return build_engine(create_model("vit_ti16", **ARCH), ds, OptimConfig(warmup_steps=1), total_steps=3)
+    return build_engine(nonzero_head(create_model("vit_ti16", **ARCH)), ds, OptimConfig(warmup_steps=1), total_steps=3)
 
 
 def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
