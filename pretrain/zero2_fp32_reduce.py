@@ -16,8 +16,8 @@ reads the bucket: no CPU offload, no experts, no ZenFlow.
 
 The adding into the partition is DeepSpeed's too, but with this rank's offsets worked out
 once: DeepSpeed looks up the rank (twice) and five tables per parameter per bucket
-(0.8-1.5% of the step in an A/B of two engines on one CPU rank; on a GPU that Python runs
-between the kernel launches).
+(0.937-0.940 of the bare loop's speed -> 0.950-0.955 on one CPU rank; on a GPU that Python
+runs between the kernel launches).
 """
 from __future__ import annotations
 
