@@ -6,7 +6,8 @@ plain SGD with lr 1 and no clipping, so the step moves the fp32 master weights b
 the gradient DeepSpeed accumulated and reduced. The reference is the exact mean of the
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
 micro-batches and ranks). ZeRO-1 and ZeRO-2 with fp32 gradients run a second time with
-DeepSpeed's own paths (every method pretrain/ installed on the engine taken out again). And
+DeepSpeed's own paths (every method pretrain/ installed on the engine taken out again), and
+both ways again with `zero.overlap_comm`. And
 at ZeRO-1 with fp32 gradients, a parameter that gets no gradient in a step must not move.
 Prints one JSON line: the step's error relative to the reference, which set-ups ran which
 of our changes, whether ours and DeepSpeed's own ended bitwise equal, and how far the
@@ -37,8 +38,9 @@ CHANGES = {"reduced_in_place": "buffered_allreduce_fallback",  # pretrain/bf16_f
            "not_copied_back": "gradient_reduction_w_predivide"}  # pretrain/zero2_fp32_reduce.py
 
 
-def engine_for(model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True):
-    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
+def engine_for(model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True,
+               overlap_comm: bool = False):
+    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype, overlap_comm=overlap_comm,
                       reduce_bucket_size=20_000, allgather_bucket_size=20_000)
     ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
                           clip_grad=0.0)
@@ -60,7 +62,7 @@ def fp32_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int,
-               ours: bool = True) -> tuple[float, dict, dict]:
+               ours: bool = True, overlap_comm: bool = False) -> tuple[float, dict, dict]:
     """The step's relative error, which of our changes the engine ran, the fp32 weights after
     the step. `ours=False`: with DeepSpeed's own methods."""
     torch.manual_seed(0)
@@ -69,7 +71,7 @@ def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: i
     torch.nn.init.normal_(model.head.weight, std=0.02)
     plain = create_model("vit_ti16", **ARCH).to(torch.bfloat16)
     plain.load_state_dict(model.state_dict())
-    engine = engine_for(model, stage, grad_dtype, accumulate, world, ours)
+    engine = engine_for(model, stage, grad_dtype, accumulate, world, ours, overlap_comm)
     before = fp32_weights(engine)
     exact = {k: torch.zeros_like(v) for k, v in before.items()}
     g = torch.Generator().manual_seed(100 + rank)
@@ -126,14 +128,22 @@ def main() -> None:
                for stage in (1, 2) for grad_dtype in ("fp32", "bf16")}
     # Before any ZeRO-3 engine: zero.Init leaves its own linear function in place for the rest
     # of the process, which rounds the bf16 gradients differently.
-    deepspeeds = {stage: step_error(stage, "fp32", accumulate, rank, world, ours=False)[2] for stage in (1, 2)}
+    # Also with zero.overlap_comm (DeepSpeed's reduction stream and double buckets), ours against
+    # DeepSpeed's own in both.
+    as_deepspeed = {}
+    for stage in (1, 2):
+        for overlap in (False, True):
+            ours = results[f"stage{stage}-fp32"][2] if not overlap else \
+                step_error(stage, "fp32", accumulate, rank, world, overlap_comm=True)[2]
+            theirs = step_error(stage, "fp32", accumulate, rank, world, ours=False, overlap_comm=overlap)[2]
+            label = f"stage{stage}-fp32" + ("-overlap_comm" if overlap else "")
+            as_deepspeed[label] = all(torch.equal(ours[k], theirs[k]) for k in ours)
     moved = unused_parameter_move(world)
     results.update({f"stage3-{grad_dtype}": step_error(3, grad_dtype, accumulate, rank, world)
                     for grad_dtype in ("fp32", "bf16")})
     report(rank, {"errors": {k: error for k, (error, _, _) in results.items()},
                   **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change]) for change in CHANGES},
-                  "as_deepspeed": {f"stage{stage}-fp32": all(torch.equal(results[f"stage{stage}-fp32"][2][k], w[k])
-                                                             for k in w) for stage, w in deepspeeds.items()},
+                  "as_deepspeed": as_deepspeed,
                   "unused_parameter_moved": moved})
     distributed.shutdown()  # DeepSpeed's communication threads joined before teardown
 

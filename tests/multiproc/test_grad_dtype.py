@@ -16,11 +16,12 @@ def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_ranks):
     # ZeRO-1 with fp32 gradients (DeepSpeed's BF16_Optimizer) reduces its flat buffers in place
     # and writes each window's first gradient into them instead of zeroing and adding; ZeRO-2
     # with fp32 gradients does not copy the reduced bucket back. Both step to the very weights
-    # DeepSpeed's own paths give.
+    # DeepSpeed's own paths give, with and without zero.overlap_comm.
     assert ranks[0]["reduced_in_place"] == ["stage1-fp32"], ranks[0]
     assert ranks[0]["written_not_added"] == ["stage1-fp32"], ranks[0]
     assert ranks[0]["not_copied_back"] == ["stage2-fp32"], ranks[0]
-    assert ranks[0]["as_deepspeed"] == {"stage1-fp32": True, "stage2-fp32": True}, ranks[0]
+    assert ranks[0]["as_deepspeed"] == {"stage1-fp32": True, "stage2-fp32": True, "stage1-fp32-overlap_comm": True,
+                                        "stage2-fp32-overlap_comm": True}, ranks[0]
     # Step 1's gradient of a parameter unused in step 2 does not step it again.
     assert ranks[0]["unused_parameter_moved"] == 0.0, ranks[0]
     for stage in (1, 2, 3):
