@@ -34,7 +34,7 @@ def reduce_into_fp32(self, tensor, communication_data_type):
 def add_into_fp32_partition(self, reduced, communication_data_type):
     """The ZeRO-2 optimizer's _add_full_reduction_to_compact_grad_partition: this rank's
     slice of each parameter in the reduced bucket added into its fp32 gradient partition."""
-    slices = self.__dict__.get("_fp32_partition_slices") or _partition_slices(self)
+    slices = self._fp32_partition_slices
     offset = 0  # of the parameter in the bucket
     for group_idx, param_idx, param_id in self.ipg_buckets[communication_data_type].params:
         numel = self.bit16_groups[group_idx][param_idx].numel()
@@ -47,7 +47,7 @@ def add_into_fp32_partition(self, reduced, communication_data_type):
 
 def _partition_slices(self) -> dict[int, tuple[int, int, int]]:
     """param id -> (offset in the parameter, offset in this rank's partition, elements), for
-    every parameter with elements in this rank's partition; computed once per optimizer."""
+    every parameter with elements in this rank's partition."""
     from deepspeed import comm as dist
 
     slices = {}
@@ -59,7 +59,6 @@ def _partition_slices(self) -> dict[int, tuple[int, int, int]]:
                         int(self.partition_size[group_idx]) - dest_offset)
             if count > 0:
                 slices[param_id] = (int(source_offset), dest_offset, count)
-    self._fp32_partition_slices = slices
     return slices
 
 
@@ -75,5 +74,6 @@ def install_fp32_bucket_reduction(engine) -> bool:
     if not all(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups))):
         return False
     optimizer.gradient_reduction_w_predivide = types.MethodType(reduce_into_fp32, optimizer)
+    optimizer._fp32_partition_slices = _partition_slices(optimizer)  # the partitioning is fixed from here on
     optimizer._add_full_reduction_to_compact_grad_partition = types.MethodType(add_into_fp32_partition, optimizer)
     return True
