@@ -33,6 +33,7 @@ and a log line every step, which a real run does not: the bias is against us.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -44,7 +45,7 @@ import torch
 
 from pretrain import distributed
 from pretrain.checkpoint import CheckpointConfig, Checkpointer
-from pretrain.engine import ZeroConfig, build_engine, deepspeed_config, input_dtype
+from pretrain.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
 from pretrain.host_memory import keep_freed_host_memory
 from pretrain.model import build_model, model_config
 from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
@@ -64,6 +65,23 @@ class RepeatBatch:
             yield self.batch
 
 
+@contextlib.contextmanager
+def pytorch_linear():
+    """`torch.nn.functional.linear` as PyTorch ships it, for the bare loop. A ZeRO-3 engine
+    replaces it for the whole process with DeepSpeed's own autograd function (DeepSpeed's
+    `memory_efficient_linear`: it saves the weight, not a view of it, so a released
+    parameter's gathered storage is not held until backward). Without this, at `--stage 3`
+    the baseline would run DeepSpeed's linear too: a separate bias add instead of one fused
+    addmm."""
+    functional = torch.nn.functional
+    installed = functional.linear
+    functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        functional.linear = installed
+
+
 class BareLoop:
     """The plain PyTorch loop: forward, loss, backward, clip, AdamW step, schedule step
     (forward and loss under bf16 autocast when asked)."""
@@ -77,6 +95,10 @@ class BareLoop:
         self.images, self.targets, self.clip, self.bf16 = images, targets, clip, bf16
 
     def run(self, steps: int) -> None:
+        with pytorch_linear():
+            self._run(steps)
+
+    def _run(self, steps: int) -> None:
         for _ in range(steps):
             with torch.autocast(self.images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.loss_of(self.model(self.images), self.targets)
@@ -96,7 +118,8 @@ class OurLoop:
         torch.manual_seed(0)
         batch = images.shape[0]
         ds_cfg = deepspeed_config(zero, global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
-        self.engine = build_engine(build_model(model_cfg), ds_cfg, optim_cfg, total_steps)
+        model = build_model_for(zero, ds_cfg, lambda: build_model(model_cfg))  # under zero.Init at stage 3
+        self.engine = build_engine(model, ds_cfg, optim_cfg, total_steps)
         train_cfg = TrainConfig(steps=total_steps, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
                                 optim=optim_cfg)
         self.trainer = Trainer(self.engine, RepeatBatch(images, targets), train_cfg, num_classes=model_cfg.num_classes,
