@@ -126,8 +126,8 @@ def main() -> None:
     accumulate = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     results = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
                for stage in (1, 2) for grad_dtype in ("fp32", "bf16")}
-    # Before any ZeRO-3 engine: zero.Init leaves its own linear function in place for the rest
-    # of the process, which rounds the bf16 gradients differently.
+    # Before any ZeRO-3 engine: one leaves DeepSpeed's linear function in place for the rest of
+    # the process (docs/PRETRAIN.md, "ZeRO stage and memory"), which rounds the bf16 gradients differently.
     # Also with zero.overlap_comm (DeepSpeed's reduction stream and double buckets), ours against
     # DeepSpeed's own in both.
     as_deepspeed = {}
