@@ -6,7 +6,7 @@ Builds a folder of real-photo JPEGs (640 x 512, the converter's default 512 px s
 with pass-through), converts it with `vit-prep convert --source imagefolder`, then measures
 images/s of the training transform (Inception crop, flip, normalise, batch) for:
   bare        decode + crop + resize + flip in a plain loop over the shards' JPEG bytes in memory
-  ours        pretrain.data.build_train_loader with 1 and 2 loader workers
+  ours        pretrain.data.loaders.build_train_loader with 1 and 2 loader workers
   webdataset  a stock webdataset pipeline over the same shards (decode("pil"), torchvision
               RandomResizedCrop(scale=(0.05, 1)) + flip + ToTensor + Normalize, 2 workers)
   imagefolder torchvision ImageFolder + DataLoader over the same JPEGs as files, 2 workers
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain import transforms as T
-from pretrain.data import DataConfig, build_train_loader
+from pretrain.data import transforms as T
+from pretrain.data.loaders import DataConfig, build_train_loader
 from sharding import open_dataset
 from sharding.tar_reader import iter_samples
 

@@ -8,7 +8,7 @@ the trainer is measured). Then a checkpoint save is timed against writing the sa
 number of bytes with fsync just before and just after it (the faster of the two): the
 disk's bandwidth, measured in the same run; and the time a background save
 (`checkpoint.async_save`) blocks training, against the waited save's. At ZeRO stages 1-2
-it also times the clipping norm, ours (pretrain/zero_grad_norm.py) against DeepSpeed's, on
+it also times the clipping norm, ours (pretrain/zero/patch_fused_grad_norm.py) against DeepSpeed's, on
 the same gradients; `--deepspeed-grad-norm` trains with DeepSpeed's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30] [--round 1]
@@ -20,7 +20,7 @@ With `--bf16` ours trains as the recipes do (`zero.precision=bf16`, gradients in
 `zero.grad_dtype`: fp32 unless `--zero grad_dtype=bf16`) and the bare loop as plain
 PyTorch mixed precision would: fp32 weights, forward and loss under `torch.autocast(bfloat16)`.
 On a CPU the process first keeps freed host memory for reuse, as `vit-pretrain` does
-(`run.reuse_host_memory`, pretrain/host_memory.py); `--no-reuse-host-memory` measures
+(`run.reuse_host_memory`, pretrain/runtime/glibc_host_memory.py); `--no-reuse-host-memory` measures
 without it. Both loops share the process, so the setting applies to both.
 
 The loops alternate in rounds of `--round` steps (default 1), so a change in the machine's
@@ -43,17 +43,17 @@ from pathlib import Path
 
 import torch
 
-from pretrain import distributed
-from pretrain.checkpoint import CheckpointConfig, Checkpointer
-from pretrain.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
-from pretrain.host_memory import keep_freed_host_memory
-from pretrain.model import build_model, model_config
-from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
-from pretrain.run_log import RunLog
-from pretrain.signals import StopRequest, Watchdog
-from pretrain.trainer import Hooks, TrainConfig, Trainer, loss_fn
-from pretrain.zero_grad_norm import fused_grad_norm
-from sharding.config_loader import load_config
+from pretrain.runtime import distributed
+from pretrain.checkpoint.checkpointer import CheckpointConfig, Checkpointer
+from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
+from pretrain.model.vit import build_model, model_config
+from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
+from pretrain.train.run_log import RunLog
+from pretrain.runtime.signals import StopRequest, Watchdog
+from pretrain.train.loop import Hooks, TrainConfig, Trainer, loss_fn
+from pretrain.zero.patch_fused_grad_norm import fused_grad_norm
+from vitscale_common.config_loader import load_config
 
 
 class RepeatBatch:
@@ -147,7 +147,7 @@ def minor_faults() -> int:
 
 
 def norm_timings(engine, trainer, images, targets, repeats: int = 10) -> tuple[float, float] | None:
-    """ZeRO-1/2: seconds per gradient norm, ours (pretrain/zero_grad_norm.py) and DeepSpeed's,
+    """ZeRO-1/2: seconds per gradient norm, ours (pretrain/zero/patch_fused_grad_norm.py) and DeepSpeed's,
     over the partition of one more backward; None at other stages. Leaves that backward unstepped."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
                    help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
     p.add_argument("--deepspeed-grad-norm", action="store_true",
-                   help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero_grad_norm.py)")
+                   help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero/patch_fused_grad_norm.py)")
     p.add_argument("--bf16", action="store_true",
                    help="ours with zero.precision=bf16, the bare loop under torch.autocast(bfloat16)")
     p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pretrain import distributed
-from pretrain.engine import ZeroConfig
-from pretrain.host_memory import keep_freed_host_memory
-from pretrain.model import model_config
-from pretrain.optim import OptimConfig
+from pretrain.runtime import distributed
+from pretrain.zero.engine import ZeroConfig
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
+from pretrain.model.vit import model_config
+from pretrain.zero.optimizer import OptimConfig
 from trainer_overhead import BareLoop, OurLoop
 
 

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from sharding.errors import UserError, cli_entry
+from vitscale_common.errors import UserError, cli_entry
 
 # flag -> (config key, type); type bool flags are switches that set the given value.
 CONVERT_FLAGS = {
@@ -79,7 +79,7 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 def convert_config(args: argparse.Namespace):
     """The recipe files, then the flags, then trailing key=value pairs."""
     from data_prep.config import PrepConfig
-    from sharding.config_loader import load_config
+    from vitscale_common.config_loader import load_config
 
     return load_config(PrepConfig, args.config, _flag_overrides(args) + args.overrides)
 

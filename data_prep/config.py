@@ -7,8 +7,8 @@ from typing import Optional
 
 from data_prep.policy import ImagePolicy
 from data_prep.sources.base import SourceConfig
-from slurm.config import SlurmConfig
-from sharding.errors import UserError
+from vitscale_common.slurm_config import SlurmConfig
+from vitscale_common.errors import UserError
 
 
 @dataclass

@@ -30,8 +30,8 @@ from data_prep.plan import Plan, ShardTask, split_sort_key
 from data_prep.policy import ImagePolicy, Rejected, convert_image
 from data_prep.sources import Listing, Source, build_source
 from sharding import format as fmt
-from sharding.atomic import atomic_open, atomic_write_text
-from sharding.errors import UserError
+from vitscale_common.atomic import atomic_open, atomic_write_text
+from vitscale_common.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SAMPLE_SCHEMA, table_from_rows, write_table
 from sharding.writer import ShardTarWriter
 

@@ -48,8 +48,8 @@ from tqdm import tqdm
 
 from sharding import format as fmt
 from sharding import open_dataset
-from sharding.atomic import atomic_write_text
-from sharding.errors import UserError, cli_entry
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.errors import UserError, cli_entry
 from sharding.index import write_table
 from sharding.tar_reader import ShardDamage, iter_samples
 

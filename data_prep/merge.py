@@ -22,8 +22,8 @@ from data_prep.convert import canonical_json, done_path, is_done, rejected_part_
 from data_prep.plan import Plan, ShardTask
 from data_prep.policy import ImagePolicy
 from sharding import format as fmt
-from sharding.atomic import atomic_write_text, remove_stale_temps
-from sharding.errors import UserError
+from vitscale_common.atomic import atomic_write_text, remove_stale_temps
+from vitscale_common.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SHARD_SCHEMA, concat, read_table, table_from_rows, write_table
 
 DUPLICATE = "exact_duplicate"

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharding.errors import UserError, cli_entry
+from vitscale_common.errors import UserError, cli_entry
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRETRAIN_RES, FINETUNE_RES = 16, 32
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     if not args.no_report:
         timings["inspect"] = run_stage("inspect the fine-tuned model", [
-            python, "-m", "pretrain.inspection", str(paths.finetune), "--out", str(paths.report)])
+            python, "-m", "pretrain.inspection.run", str(paths.finetune), "--out", str(paths.report)])
 
     finetuned = json.loads((paths.finetune / "results.json").read_text())["results"]["test"]["top1"]
     rows = [("model", "test images at", "test top-1"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from sharding import format as fmt
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 from sharding.index import EXCLUSION_SCHEMA, REJECTED_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, read_table
 
 

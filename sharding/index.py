@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sharding.atomic import atomic_write_bytes
+from vitscale_common.atomic import atomic_write_bytes
 
 SAMPLE_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),

@@ -28,7 +28,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 # Distinct stream tags so the shard order and the in-partition shuffles never share draws.
 _SHARD_ORDER_TAG = 0x5A1

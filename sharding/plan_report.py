@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from sharding.errors import UserError, cli_entry
+from vitscale_common.errors import UserError, cli_entry
 from sharding.plan import EpochPlan, StreamLayout, audit_reads, default_width
 
 

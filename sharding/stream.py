@@ -27,8 +27,8 @@ from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from sharding.atomic import atomic_open
-from sharding.errors import UserError
+from vitscale_common.atomic import atomic_open
+from vitscale_common.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, iter_epoch_steps, partition_order
 from sharding.tar_reader import ShardDamage, ShardSample, TruncatedShard, iter_samples, skip_samples
 

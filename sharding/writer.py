@@ -2,7 +2,7 @@
 
 The same samples in the same order always give the same bytes: every header has a fixed
 mtime, owner and mode, and the archive uses plain USTAR headers (no pax records carrying
-times). The shard appears under its final name only when complete (sharding.atomic), so
+times). The shard appears under its final name only when complete (vitscale_common.atomic), so
 a reader, or a rerun after a crash, never sees half a shard.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sharding.atomic import atomic_open
+from vitscale_common.atomic import atomic_open
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE

@@ -17,7 +17,7 @@ from typing import Dict, List, Sequence
 
 from omegaconf import MISSING
 
-from sharding.config_loader import ConfigError, load_config
+from vitscale_common.config_loader import ConfigError, load_config
 
 STAGES = ("prep", "pretrain", "finetune")
 

@@ -11,8 +11,8 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from pretrain.signals import EXIT_REQUEUE
-from slurm.config import SlurmConfig
+from pretrain.runtime.signals import EXIT_REQUEUE
+from vitscale_common.slurm_config import SlurmConfig
 
 TEMPLATE = Path(__file__).parent / "templates" / "job.sbatch"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

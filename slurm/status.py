@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 JOBS_FILE = "jobs.jsonl"
 _FIELDS = ("JobId", "JobName", "JobState", "Reason", "RunTime", "Restarts", "ExitCode", "NodeList")

@@ -24,10 +24,10 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sharding.atomic import atomic_write_text
-from sharding.config_loader import ConfigError, parse_overrides, read_yaml
-from sharding.errors import UserError, cli_entry
-from slurm.config import SlurmConfig
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.config_loader import ConfigError, parse_overrides, read_yaml
+from vitscale_common.errors import UserError, cli_entry
+from vitscale_common.slurm_config import SlurmConfig
 from slurm.pipeline import load_pipeline
 from slurm.render import JobSpec, render
 from slurm.status import JOBS_FILE, status_lines

@@ -38,7 +38,7 @@ def list_sources() -> list[str]:
 
 
 def build_source(cfg: SourceConfig) -> Source:
-    from sharding.errors import UserError
+    from vitscale_common.errors import UserError
 
     _discover()
     if cfg.kind not in _REGISTRY:

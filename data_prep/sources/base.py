@@ -79,7 +79,7 @@ class Source(ABC):
 def require_input(cfg: SourceConfig, what: str):
     from pathlib import Path
 
-    from sharding.errors import UserError
+    from vitscale_common.errors import UserError
     if not cfg.input:
         raise UserError(f"--input is required for --source {cfg.kind} ({what})")
     path = Path(cfg.input)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from data_prep.sources import register_source
 from data_prep.sources.base import Listing, Source, require_input
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 RECORD_PIXELS = 3072
 # (names of the train files, test file, label bytes before the pixels)

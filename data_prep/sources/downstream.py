@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

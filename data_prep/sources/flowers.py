@@ -15,7 +15,7 @@ import numpy as np
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
 from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from data_prep.sources import register_source
 from data_prep.sources.base import Listing, Source, read_file_bytes, require_input
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 SPLIT_FOLDERS = {"train", "val", "test"}

@@ -23,7 +23,7 @@ import numpy as np
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
 from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat, require
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 DEVKIT = "ILSVRC2012_devkit_t12"
 WNID = re.compile(r"^n\d{8}$")

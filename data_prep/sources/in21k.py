@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from data_prep.sources import register_source
 from data_prep.sources.base import UNREADABLE, UNSAFE_NAME, Listing, Rejected, Source, require_input
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 
 def unsafe_name(name: str) -> bool:

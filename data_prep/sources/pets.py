@@ -16,7 +16,7 @@ from pathlib import Path
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
 from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, require
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 SPLIT_FILES = {"train": "trainval.txt", "test": "test.txt"}
 

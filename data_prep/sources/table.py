@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from data_prep.sources import register_source
 from data_prep.sources.base import UNREADABLE, Listing, Rejected, Source, read_file_bytes, require_input
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 _LABEL_SEPARATORS = re.compile(r"[,|\s]+")
 

@@ -8,7 +8,7 @@ import hashlib
 import json
 import sys
 
-from pretrain.data import DataConfig, build_train_loader
+from pretrain.data.loaders import DataConfig, build_train_loader
 
 
 def main(spec_path: str, out_path: str) -> None:

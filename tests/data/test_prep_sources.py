@@ -15,7 +15,7 @@ from PIL import Image
 import sharding
 from data_prep.cli import main as prep_main
 from data_prep.sources.cifar import safe_unpickle
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 
 def _images(folder, n):

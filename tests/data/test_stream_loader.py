@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.data import DataConfig, build_eval_loader, build_train_loader
+from pretrain.data.loaders import DataConfig, build_eval_loader, build_train_loader
 from sharding.plan import EpochPlan, StreamLayout
 from sharding.stream import StreamError, evict_least_recent
 
@@ -282,7 +282,7 @@ def test_mixup_targets_are_mixed_one_hot_rows(dataset):
 
 
 def test_multi_label_samples_become_multi_hot_rows():
-    from pretrain.data import SampleDecoder
+    from pretrain.data.loaders import SampleDecoder
     from sharding.tar_reader import ShardSample
 
     from stream_dataset import jpeg

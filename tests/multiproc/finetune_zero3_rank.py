@@ -10,10 +10,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pretrain import distributed
-from pretrain.model import build_model, create_model, model_config
-from pretrain.posemb import resample_posemb
-from pretrain.starting_weights import Source, fit_to_model
+from pretrain.runtime import distributed
+from pretrain.model.vit import build_model, create_model, model_config
+from pretrain.model.posemb import resample_posemb
+from pretrain.checkpoint.starting_weights import Source, fit_to_model
 from rank_report import report  # next to this script
 
 

@@ -23,19 +23,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 
-from pretrain import distributed
-from pretrain.engine import ZeroConfig, build_engine, deepspeed_config
-from pretrain.model import create_model
-from pretrain.optim import OptimConfig
+from pretrain.runtime import distributed
+from pretrain.zero.engine import ZeroConfig, build_engine, deepspeed_config
+from pretrain.model.vit import create_model
+from pretrain.zero.optimizer import OptimConfig
 from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
 # Which of our replacements (method name -> where it lives) says which change ran.
-CHANGES = {"reduced_in_place": "buffered_allreduce_fallback",  # pretrain/bf16_flat_grads.py, on the engine
-           "written_not_added": "_update_hp_grad",  # pretrain/bf16_flat_grads.py
-           "not_copied_back": "gradient_reduction_w_predivide"}  # pretrain/zero2_fp32_reduce.py
+CHANGES = {"reduced_in_place": "buffered_allreduce_fallback",  # pretrain/zero/patch_bf16_flat_grads.py, on the engine
+           "written_not_added": "_update_hp_grad",  # pretrain/zero/patch_bf16_flat_grads.py
+           "not_copied_back": "gradient_reduction_w_predivide"}  # pretrain/zero/patch_zero2_fp32_reduce.py
 
 
 def engine_for(model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True,

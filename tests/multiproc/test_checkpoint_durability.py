@@ -23,7 +23,9 @@ import pytest
 RANK_PROGRAM = """
 import json, os, sys, time
 import deepspeed, torch, torch.distributed as dist
-from pretrain import checkpoint, checkpoint_writes, distributed
+from pretrain.checkpoint import checkpointer as checkpoint
+from pretrain.checkpoint import writes as checkpoint_writes
+from pretrain.runtime import distributed
 
 root, mode = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
@@ -82,7 +84,7 @@ distributed.shutdown()
 print(json.dumps(flushed))
 """
 
-TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-.+$")  # sharding.atomic.temp_name
+TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-.+$")  # vitscale_common.atomic.temp_name
 
 
 def _final_name(path: str) -> str:

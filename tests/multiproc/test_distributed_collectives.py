@@ -11,7 +11,7 @@ import sys
 # rank 1 alone saw a non-finite loss and rank 0 alone was asked to stop.
 RANK_PROGRAM = """
 import json, os, torch.distributed as dist
-from pretrain import distributed
+from pretrain.runtime import distributed
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 mine = {"substituted": 3, "decode_error": 3} if rank == 0 else {"substituted": 2, "decode_error": 1, "excluded": 1}

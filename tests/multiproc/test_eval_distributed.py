@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain import evaluate, metrics
+from pretrain.evaluate import run as evaluate
+from pretrain.evaluate import metrics
 
 NUM_CLASSES = 5
 DIM = 6

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import Checkpointer, scan
-from pretrain.export import CONFIG_KEY, consolidated_state_dict
-from pretrain.run_log import read_metrics
+from pretrain.checkpoint.checkpointer import Checkpointer, scan
+from pretrain.checkpoint.export import CONFIG_KEY, consolidated_state_dict
+from pretrain.train.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,8 +51,8 @@ def pretrained(shards, tmp_path_factory) -> Path:
     """A small ViT trained on the train split at 16 px, saved in vit-export's format."""
     from safetensors.torch import save_file
 
-    from pretrain.data import DataConfig, build_eval_loader
-    from pretrain.model import create_model
+    from pretrain.data.loaders import DataConfig, build_eval_loader
+    from pretrain.model.vit import create_model
 
     loader = build_eval_loader(DataConfig(path=str(shards), workers=0), "train", img_size=16, batch_size=512,
                                rank=0, world_size=1)
@@ -164,8 +164,8 @@ def test_inspect_a_finetune_run_directory(reference, tmp_path):
 def test_linear_probe_changes_only_the_head(shards, pretrained, tmp_path):
     """Through the whole DeepSpeed path (ZeRO-2): the backbone ends exactly as loaded, with the
     position embedding exactly the bicubic resampling of the 16 px one; only the head moved."""
-    from pretrain.posemb import resample_posemb
-    from pretrain.starting_weights import read_source
+    from pretrain.model.posemb import resample_posemb
+    from pretrain.checkpoint.starting_weights import read_source
 
     run = tmp_path / "run"
     log = finetune(run, shards, str(pretrained), "init.linear_probe=true", "zero.stage=2", "train.steps=4",

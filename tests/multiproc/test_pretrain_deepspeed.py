@@ -1,6 +1,6 @@
 """Real DeepSpeed ZeRO runs of vit-pretrain over 2 CPU ranks (gloo), on real digits shards.
 
-Each launch starts one real `python -m pretrain.train ...` process per rank with the
+Each launch starts one real `python -m pretrain.train.run ...` process per rank with the
 variables a launcher exports (RANK, WORLD_SIZE, MASTER_ADDR/PORT), so each rank's exit
 code is seen directly; processes are killed with SIGKILL (no handler runs) to test that
 resuming is exact.
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import Checkpointer, scan
-from pretrain.export import consolidated_state_dict, export, load_export
-from pretrain.run_log import read_metrics
+from pretrain.checkpoint.checkpointer import Checkpointer, scan
+from pretrain.checkpoint.export import consolidated_state_dict, export, load_export
+from pretrain.train.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.checkpoint import Checkpointer, scan
-from pretrain.run_log import read_metrics
+from pretrain.checkpoint.checkpointer import Checkpointer, scan
+from pretrain.train.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

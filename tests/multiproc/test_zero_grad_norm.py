@@ -16,7 +16,7 @@ def test_fused_norm_matches_deepspeed_and_first_principles(torchrun_ranks):
         for r in ranks:
             got = r[stage]
             assert got["installed"], f"{stage}: the engine kept DeepSpeed's per-parameter norm"
-            # Whole-bucket all-reduce at stages 1-2; stage 3's real reduce-scatter (pretrain/engine.py).
+            # Whole-bucket all-reduce at stages 1-2; stage 3's real reduce-scatter (pretrain/zero/engine.py).
             assert got["reduce_scatter"] == (stage == "stage3"), (stage, got)
             assert len(got["ours"]) == len(got["deepspeed"]) >= 2
             assert got["ours"] == pytest.approx(got["deepspeed"], rel=1e-5), (stage, got)

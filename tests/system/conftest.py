@@ -134,8 +134,8 @@ def pretrain_by_hand(digits_shards, tmp_path_factory) -> Path:
 
 
 def final_weights(run_dir: Path, step: int) -> dict:
-    from pretrain.checkpoint import scan
-    from pretrain.export import consolidated_state_dict
+    from pretrain.checkpoint.checkpointer import scan
+    from pretrain.checkpoint.export import consolidated_state_dict
 
     newest = scan(run_dir / "checkpoints").newest
     assert newest is not None and newest.name == f"step-{step:08d}", newest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.run_log import read_metrics
+from pretrain.train.run_log import read_metrics
 
 pytestmark = pytest.mark.slow
 

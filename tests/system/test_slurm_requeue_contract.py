@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.signals import EXIT_REQUEUE
-from slurm.config import SlurmConfig
+from pretrain.runtime.signals import EXIT_REQUEUE
+from vitscale_common.slurm_config import SlurmConfig
 from slurm.render import JobSpec, render
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from sharding.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from vitscale_common.atomic import atomic_open, atomic_write_text, remove_stale_temps
 
 
 def test_failed_write_leaves_old_content_and_no_temp(tmp_path):

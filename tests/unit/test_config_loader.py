@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import pytest
 
-from sharding.config_loader import ConfigError, load_config, save_config
+from vitscale_common.config_loader import ConfigError, load_config, save_config
 
 
 @dataclass

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.finetune import load_finetune_config
+from pretrain.finetune.stage import load_finetune_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 

@@ -5,7 +5,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
 
-from pretrain import metrics
+from pretrain.evaluate import metrics
 
 
 def test_topk_counts_single_label():

@@ -9,7 +9,7 @@ from PIL import Image
 from data_prep.sources.flowers import read_flowers
 from data_prep.sources.imagenet1k import read_imagenet1k
 from data_prep.sources.pets import read_pets
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 
 def _jpeg(path):

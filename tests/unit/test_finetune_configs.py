@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import load_pretrain_config
-from pretrain.finetune import freeze_backbone, load_finetune_config
-from pretrain.model import create_model
-from sharding.config_loader import ConfigError
+from pretrain.train.config import load_pretrain_config
+from pretrain.finetune.stage import freeze_backbone, load_finetune_config
+from pretrain.model.vit import create_model
+from vitscale_common.config_loader import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FT = CONFIGS / "finetune"

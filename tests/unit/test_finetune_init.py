@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import create_model
-from pretrain.starting_weights import Source, fit_to_model
-from sharding.errors import UserError
+from pretrain.model.vit import create_model
+from pretrain.checkpoint.starting_weights import Source, fit_to_model
+from vitscale_common.errors import UserError
 
 TINY = dict(patch_size=4, width=64, depth=4, heads=4, mlp_dim=128)
 

@@ -11,7 +11,7 @@ import pytest
 # freed block was, so glibc extends the heap until freed blocks line up again.
 _ROUNDS = """
 import resource, sys, torch
-from pretrain.host_memory import keep_freed_host_memory
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 applied = keep_freed_host_memory() if sys.argv[1] == "reuse" else None
 for _ in range(16):
     torch.empty(16 << 20).fill_(1.0)

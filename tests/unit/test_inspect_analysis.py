@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pretrain.inspect_attention import (attention_maps, attention_rollout, mean_attention_distance,
+from pretrain.inspection.attention import (attention_maps, attention_rollout, mean_attention_distance,
                                         output_token_map, patch_distances)
-from pretrain.inspect_embeddings import filter_components, posemb_similarity
+from pretrain.inspection.embeddings import filter_components, posemb_similarity
 
 
 def smooth_posemb(grid: int, dim: int = 64) -> torch.Tensor:

@@ -9,9 +9,9 @@ import matplotlib.image
 import pytest
 import torch
 
-from pretrain.inspect_attention import attention_maps
-from pretrain.inspection import write_report
-from pretrain.model import create_model
+from pretrain.inspection.attention import attention_maps
+from pretrain.inspection.run import write_report
+from pretrain.model.vit import create_model
 
 
 def tiny_vit(**overrides):
@@ -75,7 +75,7 @@ def test_cli_on_a_timm_file_and_an_image_folder(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from pretrain.inspection import main
+    from pretrain.inspection.run import main
 
     model = tiny_vit(width=48, heads=3, pool="token")  # vit_ti16 has 3 heads
     weights = tmp_path / "timm_model.safetensors"
@@ -97,7 +97,7 @@ def test_cli_on_a_timm_file_and_an_image_folder(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    from pretrain.inspection import main
+    from pretrain.inspection.run import main
 
     assert main([str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -112,8 +112,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_figure_data_of_a_model_with_smooth_position_embeddings():
     """The similarity figure's own data (through `inspect_model`), for a model whose position
     embeddings are 2D-smooth by construction: nearer patches are more similar."""
-    from pretrain.inspection import inspect_model
-    from pretrain.inspect_attention import patch_distances
+    from pretrain.inspection.run import inspect_model
+    from pretrain.inspection.attention import patch_distances
 
     model = tiny_vit()
     ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
@@ -128,8 +128,8 @@ def test_figure_data_of_a_model_with_smooth_position_embeddings():
 
 
 def test_chunked_inspection_equals_whole_batch_computation():
-    from pretrain.inspect_attention import attention_rollout, mean_attention_distance, output_token_map
-    from pretrain.inspection import CHUNK, ROLLOUT_SHOWN, inspect_model
+    from pretrain.inspection.attention import attention_rollout, mean_attention_distance, output_token_map
+    from pretrain.inspection.run import CHUNK, ROLLOUT_SHOWN, inspect_model
 
     model = tiny_vit()
     torch.manual_seed(1)

@@ -6,8 +6,8 @@ import pytest
 import scipy.ndimage
 import torch
 
-from pretrain.posemb import resample_posemb
-from sharding.errors import UserError
+from pretrain.model.posemb import resample_posemb
+from vitscale_common.errors import UserError
 
 
 def posemb(grid=(14, 14), prefix=1, dim=32, seed=0):

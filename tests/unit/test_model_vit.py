@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.model import ViTConfig, create_model, list_models, model_config, register_model
-from sharding.config_loader import load_config
-from sharding.errors import UserError
+from pretrain.model.vit import ViTConfig, create_model, list_models, model_config, register_model
+from vitscale_common.config_loader import load_config
+from vitscale_common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.model import create_model
-from pretrain.weights import (
+from pretrain.model.vit import create_model
+from pretrain.model.weight_formats import (
     create_timm_model,
     from_timm,
     infer_model_fields,
@@ -16,7 +16,7 @@ from pretrain.weights import (
     save_npz,
     to_timm,
 )
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 timm = pytest.importorskip("timm")
 from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
@@ -178,7 +178,7 @@ def test_rectangular_source_grid_is_resampled_with_linear_method():
     src = tiny(img_size=32, img_width=64)  # 2x4 grid
     dst = create_model("vit_ti16", img_size=64, depth=2, num_classes=5)  # 4x4 grid
     load_weights(dst, src.state_dict(), posemb_method="linear", source_grid=(2, 4))
-    from pretrain.posemb import resample_posemb
+    from pretrain.model.posemb import resample_posemb
 
     expected = resample_posemb(src.pos_embed.detach(), (4, 4), method="linear", old_grid=(2, 4))
     torch.testing.assert_close(dst.pos_embed.detach(), expected)

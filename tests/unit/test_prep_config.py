@@ -3,8 +3,8 @@ import pytest
 
 from data_prep.cli import _parser, convert_config
 from data_prep.config import PrepConfig, parse_splits, resolve_tasks
-from sharding.config_loader import ConfigError
-from sharding.errors import UserError
+from vitscale_common.config_loader import ConfigError
+from vitscale_common.errors import UserError
 
 
 def _cfg(*argv):

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain import distributed
-from pretrain.checkpoint import fingerprint_diff
-from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
-from pretrain.engine import ZeroConfig, deepspeed_config
-from pretrain.optim import OptimConfig, WarmupDecay
-from pretrain.signals import StopRequest
-from pretrain.trainer import TrainConfig, loss_fn
-from sharding.config_loader import ConfigError
+from pretrain.runtime import distributed
+from pretrain.checkpoint.checkpointer import fingerprint_diff
+from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.zero.engine import ZeroConfig, deepspeed_config
+from pretrain.zero.optimizer import OptimConfig, WarmupDecay
+from pretrain.runtime.signals import StopRequest
+from pretrain.train.loop import TrainConfig, loss_fn
+from vitscale_common.config_loader import ConfigError
 
 import torch
 
@@ -108,7 +108,7 @@ def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
     import subprocess
     import sys
 
-    code = ("import time\nfrom pretrain.signals import Watchdog\n"
+    code = ("import time\nfrom pretrain.runtime.signals import Watchdog\n"
             "w = Watchdog(1.0, rank=3).start()\nw.beat(7)\ntime.sleep(30)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 85

@@ -7,7 +7,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from pretrain import transforms as T
+from pretrain.data import transforms as T
 
 
 def _jpeg(pixels: np.ndarray, quality=92) -> bytes:

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from pretrain import inspect_figures as figures
-from pretrain.inspect_attention import iter_attention_maps, mean_attention_distance, output_token_map, rollout_step
-from pretrain.inspect_embeddings import filter_components, posemb_similarity
-from sharding.atomic import atomic_write_text
-from sharding.errors import UserError, cli_entry
+from pretrain.inspection import figures
+from pretrain.inspection.attention import iter_attention_maps, mean_attention_distance, output_token_map, rollout_step
+from pretrain.inspection.embeddings import filter_components, posemb_similarity
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.errors import UserError, cli_entry
 
 # How many images go into the attention statistics and how many get a rollout overlay.
 ATTENTION_SAMPLE = 32
@@ -150,9 +150,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_model(path: str | Path, model_name: str | None, img_size: int | None) -> tuple[nn.Module, Any]:
     """The model a run directory, export or weights file holds (all layers kept), in eval mode."""
-    from pretrain.model import build_model, model_config
-    from pretrain.starting_weights import fit_to_model, read_source
-    from pretrain.weights import infer_model_fields
+    from pretrain.model.vit import build_model, model_config
+    from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.model.weight_formats import infer_model_fields
 
     source = read_source(path)
     if source.model is not None:
@@ -202,7 +202,7 @@ def images_from_folder(folder: Path, img_size: int, mean, std, limit: int) -> tu
 
 def images_from_shards(path: Path, split: str, img_size: int, data_section: dict, limit: int) -> torch.Tensor:
     """The first `limit` images of a shard dataset's split, through the evaluation transform."""
-    from pretrain.data import DataConfig, build_eval_loader
+    from pretrain.data.loaders import DataConfig, build_eval_loader
 
     fields = {k: v for k, v in data_section.items() if k in DataConfig.__dataclass_fields__}
     cfg = DataConfig(**{**fields, "path": str(path), "workers": 0})
@@ -224,7 +224,7 @@ def _run_context(run_dir: Path | None) -> tuple[str | None, dict, Any]:
     if (run_dir / "results.json").is_file():
         results = [{"split": s, **r} for s, r in json.loads((run_dir / "results.json").read_text())["results"].items()]
     else:
-        from pretrain.run_log import read_metrics
+        from pretrain.train.run_log import read_metrics
 
         evals = read_metrics(run_dir, "eval")
         results = {k: v for k, v in evals[-1].items() if k != "kind"} if evals else None

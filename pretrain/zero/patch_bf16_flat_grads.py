@@ -23,7 +23,7 @@ engine instance:
   gradient. (After a step the buffers keep that step's gradients until the next backward
   writes them, where DeepSpeed's are zero.)
 
-With the engine's `bf16.immediate_grad_update` (pretrain/engine.py turns it on for this
+With the engine's `bf16.immediate_grad_update` (pretrain/zero/engine.py turns it on for this
 set-up) each bf16 gradient goes into its buffer as soon as backward produces it and is
 freed there, instead of all of them living until the end of backward and then being
 zeroed for the next one. On one CPU rank, ViT-S/16: 0.949-0.960 of the bare loop's speed

@@ -18,8 +18,8 @@ from typing import Any, Sequence, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sharding.atomic import atomic_write_text
-from sharding.errors import UserError
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.errors import UserError
 
 T = TypeVar("T")
 BASE_KEY = "_base_"

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.checkpoint_writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
-from pretrain.distributed import all_reduce_flags, barrier
-from sharding.atomic import atomic_write_text, remove_stale_temps
-from sharding.errors import UserError
+from pretrain.checkpoint.writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
+from pretrain.runtime.distributed import all_reduce_flags, barrier
+from vitscale_common.atomic import atomic_write_text, remove_stale_temps
+from vitscale_common.errors import UserError
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.pt"

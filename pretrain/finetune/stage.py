@@ -20,13 +20,13 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain.config import PretrainConfig, RunConfig, load_pretrain_config
-from pretrain.optim import OptimConfig
-from pretrain.posemb import METHODS as POSEMB_METHODS
-from pretrain.trainer import TrainConfig
-from sharding.atomic import atomic_write_text
-from sharding.config_loader import ConfigError, to_yaml
-from sharding.errors import cli_entry
+from pretrain.train.config import PretrainConfig, RunConfig, load_pretrain_config
+from pretrain.zero.optimizer import OptimConfig
+from pretrain.model.posemb import METHODS as POSEMB_METHODS
+from pretrain.train.loop import TrainConfig
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.config_loader import ConfigError, to_yaml
+from vitscale_common.errors import cli_entry
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 INIT_JSON = "init.json"  # what the start did (source, resolution and grid change, keys re-initialised)
@@ -101,7 +101,7 @@ def held_out_splits(cfg: FinetuneConfig, available) -> list[str]:
 
 
 def final_step(run_dir: Path) -> int:
-    from pretrain.checkpoint import scan, step_of
+    from pretrain.checkpoint.checkpointer import scan, step_of
 
     newest = scan(run_dir / "checkpoints").newest
     return step_of(newest.name) if newest else 0
@@ -109,7 +109,7 @@ def final_step(run_dir: Path) -> int:
 
 def use_ema_weights(model: torch.nn.Module, run_dir: Path) -> bool:
     """Load the Polyak-averaged weights of the final checkpoint into `model` when it has them."""
-    from pretrain.checkpoint import Checkpointer, scan
+    from pretrain.checkpoint.checkpointer import Checkpointer, scan
 
     newest = scan(run_dir / "checkpoints").newest
     ema = Checkpointer.read_state(newest).get("ema") if newest else None
@@ -124,8 +124,8 @@ def use_ema_weights(model: torch.nn.Module, run_dir: Path) -> bool:
 def final_evaluation(cfg: FinetuneConfig, model: torch.nn.Module, rank: int, world: int) -> dict[str, dict]:
     """Top-1/top-5 on every held-out split at the fine-tuning resolution (collective)."""
     import sharding
-    from pretrain.data import build_eval_loader
-    from pretrain.evaluate import evaluate_classification
+    from pretrain.data.loaders import build_eval_loader
+    from pretrain.evaluate.run import evaluate_classification
 
     dataset = sharding.open_dataset(cfg.data.path)
     results = {}
@@ -157,11 +157,11 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
-    from pretrain import distributed
-    from pretrain.checkpoint import Checkpointer, scan
-    from pretrain.model import build_model
-    from pretrain.starting_weights import fit_to_model, read_source
-    from pretrain.train import run_training, say
+    from pretrain.runtime import distributed
+    from pretrain.checkpoint.checkpointer import Checkpointer, scan
+    from pretrain.model.vit import build_model
+    from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.train.run import run_training, say
 
     # ---------------------------------------------------------------- starting weights
     run_dir = Path(cfg.run.dir)
@@ -219,7 +219,7 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
 
 
 def parse_args(argv):
-    from pretrain.train import parse_args as parse_training_args
+    from pretrain.train.run import parse_args as parse_training_args
 
     return parse_training_args(argv, prog="vit-finetune", description=__doc__.split("\n\n")[0],
                                example="vit-finetune configs/finetune/demo.yaml init.weights=runs/demo "

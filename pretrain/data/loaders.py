@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import sharding
 from sharding import format as fmt
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, default_width
 from sharding.stream import RankStream, ShardIndex, ShardSource, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
-from pretrain import transforms as T
+from pretrain.data import transforms as T
 
 log = logging.getLogger(__name__)
 _MIXUP_TAG = 0x313

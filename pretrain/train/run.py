@@ -16,16 +16,16 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pretrain import distributed
-from pretrain.checkpoint import Checkpointer, file_digest, fingerprint_diff, scan
-from pretrain.config import RESUMABLE_CHANGES, derive, load_pretrain_config
-from pretrain.engine import build_engine, build_model_for, deepspeed_config
-from pretrain.host_memory import keep_freed_host_memory
-from pretrain.run_log import RunLog, peak_flops, vit_forward_flops
-from pretrain.signals import EXIT_REQUEUE, StopRequest, Watchdog
-from pretrain.trainer import Ema, Hooks, Trainer
-from sharding.config_loader import ConfigError, save_config, to_yaml
-from sharding.errors import UserError, cli_entry
+from pretrain.runtime import distributed
+from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff, scan
+from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.zero.engine import build_engine, build_model_for, deepspeed_config
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
+from pretrain.train.run_log import RunLog, peak_flops, vit_forward_flops
+from pretrain.runtime.signals import EXIT_REQUEUE, StopRequest, Watchdog
+from pretrain.train.loop import Ema, Hooks, Trainer
+from vitscale_common.config_loader import ConfigError, save_config, to_yaml
+from vitscale_common.errors import UserError, cli_entry
 
 
 def say(rank: int, msg: str) -> None:
@@ -59,8 +59,8 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`.
     """
     import sharding
-    from pretrain.data import build_train_loader
-    from pretrain.eval_hook import build_evaluator
+    from pretrain.data.loaders import build_train_loader
+    from pretrain.evaluate.periodic import build_evaluator
 
     # ---------------------------------------------------------------- process group
     env = distributed.detect()
@@ -178,7 +178,7 @@ def parse_args(argv, *, prog: str = "vit-pretrain", description: str = __doc__.s
 
 @cli_entry
 def main(argv=None) -> int:
-    from pretrain.model import build_model
+    from pretrain.model.vit import build_model
 
     args = parse_args(argv)
     cfg = load_pretrain_config(args.configs, args.overrides)

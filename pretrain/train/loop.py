@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain.distributed import all_reduce_flags, sum_counters
-from pretrain.engine import input_dtype
-from pretrain.optim import OptimConfig
-from pretrain.run_log import RunLog
-from pretrain.signals import StopRequest, Watchdog
-from sharding.config_loader import ConfigError
-from sharding.errors import UserError
+from pretrain.runtime.distributed import all_reduce_flags, sum_counters
+from pretrain.zero.engine import input_dtype
+from pretrain.zero.optimizer import OptimConfig
+from pretrain.train.run_log import RunLog
+from pretrain.runtime.signals import StopRequest, Watchdog
+from vitscale_common.config_loader import ConfigError
+from vitscale_common.errors import UserError
 
 
 @dataclass

@@ -6,7 +6,7 @@ and the R50+ViT-B/16 hybrid).
 
 Module and parameter names follow timm's `VisionTransformer` (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv`, ..., `norm`, `head`), so timm state
-dicts load as they are (`pretrain.weights` handles the rest).
+dicts load as they are (`pretrain.model.weight_formats` handles the rest).
 
 Initialisation is the official JAX code's (vision_transformer `models_vit.py`):
   * Dense kernels xavier-uniform; q, k and v are initialised as three separate D x D
@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.resnet import ResNetBackbone, lecun_normal_
-from sharding.errors import UserError
+from pretrain.model.hybrid_stem import ResNetBackbone, lecun_normal_
+from vitscale_common.errors import UserError
 
 LN_EPS = 1e-6  # flax LayerNorm default, also timm's for ViT
 
@@ -287,7 +287,7 @@ class VisionTransformer(nn.Module):
         if tuple(x.shape[-2:]) != self.cfg.img_hw:
             raise ValueError(
                 f"input {x.shape[-2]}x{x.shape[-1]} does not match the model's {self.cfg.img_hw[0]}x{self.cfg.img_hw[1]};"
-                " build it with that img_size and resample the position embedding (pretrain.posemb)"
+                " build it with that img_size and resample the position embedding (pretrain.model.posemb)"
             )
         x = self.patch_embed(x)  # (B, HW, D)
         pos = self.pos_embed.to(x.dtype)

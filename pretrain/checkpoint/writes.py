@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from sharding.atomic import atomic_open
+from vitscale_common.atomic import atomic_open
 
 Saver = Callable[[Any, Any], None]  # (object, open file): torch.save or DeepSpeed's own
 

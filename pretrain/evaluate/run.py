@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pretrain import metrics
-from sharding.atomic import atomic_write_text
-from sharding.errors import UserError, cli_entry
+from pretrain.evaluate import metrics
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.errors import UserError, cli_entry
 
 
 # --------------------------------------------------------------------------- collectives
@@ -321,7 +321,7 @@ def _check_ids(f: Features, labels: Sequence, split: str) -> None:
 
 
 def _model_for(source, args) -> torch.nn.Module:
-    from pretrain.model import build_model, model_config
+    from pretrain.model.vit import build_model, model_config
 
     if source.model is not None:
         cfg = source.model
@@ -339,7 +339,7 @@ def _data_config(source, args):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from pretrain.data import DataConfig
+    from pretrain.data.loaders import DataConfig
 
     node = OmegaConf.structured(DataConfig)
     run_config = source.run_dir / "config.yaml" if source.run_dir else None
@@ -393,9 +393,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     import sharding
-    from pretrain import distributed
-    from pretrain.data import build_eval_loader
-    from pretrain.starting_weights import fit_to_model, read_source
+    from pretrain.runtime import distributed
+    from pretrain.data.loaders import build_eval_loader
+    from pretrain.checkpoint.starting_weights import fit_to_model, read_source
 
     args = parse_args(argv)
 

@@ -6,7 +6,7 @@ Reads the newest complete checkpoint (or step N) and consolidates DeepSpeed's Ze
 partitions into full fp32 tensors (from the fp32 master copy, so a bf16 run exports its
 full-precision weights). Writes FILE (default RUN_DIR/export/model.safetensors) with the
 model config in its metadata and next to it as FILE.json. Keys are ours (timm's layout;
-`pretrain.weights.to_timm` converts what differs), loadable by the fine-tune stage.
+`pretrain.model.weight_formats.to_timm` converts what differs), loadable by the fine-tune stage.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import Checkpointer, scan, tag_for
-from sharding.atomic import atomic_open, atomic_write_text
-from sharding.errors import UserError, cli_entry
+from pretrain.checkpoint.checkpointer import Checkpointer, scan, tag_for
+from vitscale_common.atomic import atomic_open, atomic_write_text
+from vitscale_common.errors import UserError, cli_entry
 
 CONFIG_KEY = "model_config"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's: module, and at stage 0 the optimizer

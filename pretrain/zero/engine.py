@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import torch
 
-from pretrain.bf16_flat_grads import install_flat_gradients
-from pretrain.optim import OptimConfig, build_optimizer, build_scheduler
-from pretrain.zero2_fp32_reduce import install_fp32_bucket_reduction
-from pretrain.zero_grad_norm import install_fused_grad_norm
-from sharding.config_loader import ConfigError
+from pretrain.zero.patch_bf16_flat_grads import install_flat_gradients
+from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
+from pretrain.zero.patch_zero2_fp32_reduce import install_fp32_bucket_reduction
+from pretrain.zero.patch_fused_grad_norm import install_fused_grad_norm
+from vitscale_common.config_loader import ConfigError
 
 
 @dataclass
@@ -84,7 +84,7 @@ def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, gr
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16",
                  # BF16_Optimizer (ZeRO-1, fp32 gradients): each bf16 gradient moves into the
-                 # fp32 buffer as backward produces it and is freed (pretrain/bf16_flat_grads.py).
+                 # fp32 buffer as backward produces it and is freed (pretrain/zero/patch_bf16_flat_grads.py).
                  "immediate_grad_update": cfg.precision == "bf16" and cfg.grad_dtype == "fp32"},
         **(_bf16_gradients(cfg.grad_dtype) if cfg.precision == "bf16" else {}),
         # Our optimizer is torch's AdamW/SGD; DeepSpeed only vouches for its own.

@@ -2,7 +2,7 @@
 
 Every stage config (prep, pretrain, finetune) carries this section so that
 `vit-submit STAGE CONFIG` knows how to run it; the training code itself never reads it
-(it learns its place in the job from SLURM's environment, see pretrain/distributed.py).
+(it learns its place in the job from SLURM's environment, see pretrain/runtime/distributed.py).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class SlurmConfig:
 
     def validate(self, where: str = "slurm") -> None:
         """Raise a one-line error naming the field for values sbatch would reject later."""
-        from sharding.config_loader import ConfigError
+        from vitscale_common.config_loader import ConfigError
 
         if self.nodes < 1:
             raise ConfigError(f"{where}.nodes: must be >= 1, got {self.nodes}")

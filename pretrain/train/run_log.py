@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sharding.atomic import atomic_write_text
+from vitscale_common.atomic import atomic_write_text
 
 # Dense bf16 peak FLOP/s by device name fragment (vendor data sheets, no sparsity).
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from sharding.errors import UserError
+from vitscale_common.errors import UserError
 
 # Ports derived from the SLURM job id fall in this range, clear of the ephemeral ports.
 _PORT_BASE, _PORT_SPAN = 20000, 20000

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pretrain.model import ViTConfig
-from sharding.errors import UserError
+from pretrain.model.vit import ViTConfig
+from vitscale_common.errors import UserError
 
 HEAD_PREFIXES = ("head.",)
 REPRESENTATION_PREFIXES = ("pre_logits.",)
@@ -89,7 +89,7 @@ def _is_export(path: Path) -> bool:
     """Whether a .safetensors file was written by vit-export (it carries the model config)."""
     from safetensors import safe_open
 
-    from pretrain.export import CONFIG_KEY
+    from pretrain.checkpoint.export import CONFIG_KEY
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -101,8 +101,8 @@ def _is_export(path: Path) -> bool:
 
 def read_run(run_dir: Path) -> Source:
     """The newest complete checkpoint of a run, consolidated; its EMA weights when it kept them."""
-    from pretrain import export
-    from pretrain.checkpoint import Checkpointer
+    from pretrain.checkpoint import export
+    from pretrain.checkpoint.checkpointer import Checkpointer
 
     folder = export.find_checkpoint(run_dir, None)
     saved = Checkpointer.read_state(folder)
@@ -114,7 +114,8 @@ def read_run(run_dir: Path) -> Source:
 
 def read_source(path: str | Path) -> Source:
     """Read starting weights from a run directory, an export, a timm state dict or an .npz."""
-    from pretrain import export, weights
+    from pretrain.checkpoint import export
+    from pretrain.model import weight_formats as weights
 
     path = Path(path)
     if not path.exists():
@@ -175,7 +176,7 @@ def _group(keys: list[str]) -> list[str]:
 
 def _grid_of(rows: int, cfg: ViTConfig) -> tuple[int, int] | None:
     """The patch grid of a pos-emb with `rows` rows (with or without a class-token row)."""
-    from pretrain.weights import infer_grid_or_none
+    from pretrain.model.weight_formats import infer_grid_or_none
 
     return infer_grid_or_none(rows) or (infer_grid_or_none(rows - cfg.num_prefix_tokens) if cfg.num_prefix_tokens else None)
 
@@ -187,9 +188,9 @@ def fit_to_model(source: Source, model: nn.Module, *, reset_head: bool = True,
     The head is taken from the source only when `reset_head` is False (then its shape must
     match); the source's pre-logits layer is used when the model has one, dropped when not.
     Position embeddings are resampled to the model's grid when it differs
-    (`pretrain.weights.load_weights`, which names every key that does not fit).
+    (`pretrain.model.weight_formats.load_weights`, which names every key that does not fit).
     """
-    from pretrain.weights import load_weights
+    from pretrain.model.weight_formats import load_weights
 
     cfg: ViTConfig = model.cfg
     state = dict(source.state)

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from sharding.config_loader import ConfigError
+from vitscale_common.config_loader import ConfigError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Periodic evaluation during training (the `eval` section): top-1 / mAP on a held-out split
 and the paper's few-shot linear evaluation on frozen representations.
 
-The metrics themselves live in `pretrain.evaluate`; this only decides what to run, on
+The metrics themselves live in `pretrain.evaluate.run`; this only decides what to run, on
 which splits, and builds the loaders. Every rank calls the returned function together.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable, List
 
 import torch
 
-from pretrain import evaluate
+from pretrain.evaluate import run as evaluate
 
 
 @dataclass
@@ -28,7 +28,7 @@ class EvalConfig:
 
 def build_evaluator(cfg: EvalConfig, data_cfg, model: torch.nn.Module, *, img_size: int, num_classes: int,
                     multi_label: bool, rank: int, world_size: int) -> Callable[[int], dict]:
-    from pretrain.data import build_eval_loader
+    from pretrain.data.loaders import build_eval_loader
 
     def loader(split: str):
         return build_eval_loader(data_cfg, split, img_size=img_size, batch_size=cfg.batch_size, rank=rank,

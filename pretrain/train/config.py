@@ -15,14 +15,14 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint import CheckpointConfig
-from pretrain.data import DataConfig
-from pretrain.engine import ZeroConfig
-from pretrain.eval_hook import EvalConfig
-from pretrain.model import ViTConfig, list_models, model_config
-from pretrain.trainer import TrainConfig
-from sharding.config_loader import ConfigError, load_config, parse_overrides, read_yaml
-from slurm.config import SlurmConfig
+from pretrain.checkpoint.checkpointer import CheckpointConfig
+from pretrain.data.loaders import DataConfig
+from pretrain.zero.engine import ZeroConfig
+from pretrain.evaluate.periodic import EvalConfig
+from pretrain.model.vit import ViTConfig, list_models, model_config
+from pretrain.train.loop import TrainConfig
+from vitscale_common.config_loader import ConfigError, load_config, parse_overrides, read_yaml
+from vitscale_common.slurm_config import SlurmConfig
 
 
 @dataclass
@@ -31,7 +31,7 @@ class RunConfig:
     seed: int = 0  # seeds the model init, data order and augmentation
     dist_timeout_s: float = 1800.0  # collective-operation timeout (a dead peer fails the job after this)
     threads: int = 0  # torch intra-op threads per rank on CPU (0: torch's default)
-    reuse_host_memory: bool = True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/host_memory.py)
+    reuse_host_memory: bool = True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/runtime/glibc_host_memory.py)
 
 
 @dataclass

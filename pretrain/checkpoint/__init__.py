@@ -1,0 +1,1 @@
+"""Run directories on disk: checkpoint layout, manifests, resume scan, background writes, export, starting weights."""

@@ -1,0 +1,3 @@
+from pretrain.evaluate.run import main
+
+raise SystemExit(main())

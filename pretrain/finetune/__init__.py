@@ -1,0 +1,1 @@
+"""Fine-tuning at a higher resolution: `vit-finetune` (`python -m pretrain.finetune`)."""

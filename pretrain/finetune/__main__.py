@@ -1,0 +1,3 @@
+from pretrain.finetune.stage import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The paper's model inspection (Figures 6 and 7): `vit-inspect`."""

@@ -1,0 +1,1 @@
+"""The process a rank runs in: distributed environment and collectives, stop signals, the watchdog, host memory."""

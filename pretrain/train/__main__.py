@@ -1,0 +1,3 @@
+from pretrain.train.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Helpers every vitscale package uses: user-facing errors, config loading, atomic writes, the slurm section."""
