@@ -13,6 +13,7 @@ images/s of the training transform (Inception crop, flip, normalise, batch) for:
 Ratios print last. Each run starts its workers fresh; it is timed from its second batch to
 3/4 of an epoch, so neither worker start-up nor an epoch restart is counted.
 """
+
 from __future__ import annotations
 
 import argparse

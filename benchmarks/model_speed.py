@@ -14,6 +14,7 @@ model FLOPs utilisation (MFU): forward+backward FLOPs counted by
 torch.utils.flop_counter over the peak dense bf16/fp32 rate of the card.
 The ratio lines print last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,11 @@ from pretrain.model.vit import create_model
 from pretrain.model.weight_formats import create_timm_model, to_timm
 
 # Peak dense tensor-core rates (FLOP/s) for MFU: bf16 and tf32/fp32 datasheet figures.
-PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp32": 494e12}, "H200": {"bf16": 989e12, "fp32": 494e12},
-              "A100": {"bf16": 312e12, "fp32": 156e12}}
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+}
 
 
 # CPU time of this process is what a model costs when other processes share the cores;
@@ -88,20 +92,30 @@ def compare(name: str, args) -> float:
     ratios, ours_ips, timm_ips = [], [], []
     for r in range(args.rounds):
         pair = [("ours", ours), ("timm", theirs)]
-        rates = dict((label, timed(m, images, targets, args.steps, args.bf16, clock)) for label, m in (pair if r % 2 == 0 else pair[::-1]))
+        rates = dict(
+            (label, timed(m, images, targets, args.steps, args.bf16, clock))
+            for label, m in (pair if r % 2 == 0 else pair[::-1])
+        )
         ours_ips.append(rates["ours"])
         timm_ips.append(rates["timm"])
         ratios.append(rates["ours"] / rates["timm"])
-        print(f"  {name} round {r + 1}/{args.rounds}: ours {rates['ours']:.2f} img/s, timm {rates['timm']:.2f} img/s, "
-              f"ratio {ratios[-1]:.3f}", flush=True)
+        print(
+            f"  {name} round {r + 1}/{args.rounds}: ours {rates['ours']:.2f} img/s, timm {rates['timm']:.2f} img/s, "
+            f"ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
     ratio = statistics.median(ratios)
-    summary = (f"{name}: ours {statistics.median(ours_ips):.2f} img/s, timm {statistics.median(timm_ips):.2f} img/s "
-               f"(median of {args.rounds} rounds, batch {args.batch}, {args.img_size}px, {args.device}"
-               f"{', bf16' if args.bf16 else ''}, {torch.get_num_threads()} threads, {clock_name} clock)")
+    summary = (
+        f"{name}: ours {statistics.median(ours_ips):.2f} img/s, timm {statistics.median(timm_ips):.2f} img/s "
+        f"(median of {args.rounds} rounds, batch {args.batch}, {args.img_size}px, {args.device}"
+        f"{', bf16' if args.bf16 else ''}, {torch.get_num_threads()} threads, {clock_name} clock)"
+    )
     peak = peak_flops(device, args.bf16)
     if peak:
         flops = step_flops(ours, images, targets, args.bf16) / args.batch
-        summary += f"; {flops / 1e9:.1f} GFLOP per image fwd+bwd, MFU ours {statistics.median(ours_ips) * flops / peak:.1%}"
+        summary += (
+            f"; {flops / 1e9:.1f} GFLOP per image fwd+bwd, MFU ours {statistics.median(ours_ips) * flops / peak:.1%}"
+        )
         summary += f", timm {statistics.median(timm_ips) * flops / peak:.1%}"
     print(summary, flush=True)
     return ratio
@@ -118,9 +132,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
-                        help="'cpu' = CPU time of this process (default on CPU: robust to other processes "
-                             "sharing the cores; use with --threads 1), 'wall' (default on CUDA)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default=None,
+        help="'cpu' = CPU time of this process (default on CPU: robust to other processes "
+        "sharing the cores; use with --threads 1), 'wall' (default on CUDA)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

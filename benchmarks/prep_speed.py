@@ -12,6 +12,7 @@ or indexing. Then the full converter runs with 1 and 2 worker processes.
 Prints per-worker ratio against the bare loop and 1 -> 2 worker scaling, ratios last.
 On a shared machine the absolute numbers move; take the best of --repeats runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,9 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
         scale = long_side / max(crop.size)
         if min(crop.size) * scale < 1.2 * SHORT_SIDE:
             continue  # keep only images the policy must resize
-        crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.BICUBIC)
+        crop = crop.resize(
+            (max(1, round(crop.width * scale)), max(1, round(crop.height * scale))), Image.Resampling.BICUBIC
+        )
         buf = io.BytesIO()
         crop.save(buf, "JPEG", quality=QUALITY)
         out.append(buf.getvalue())
@@ -88,9 +91,15 @@ def converter(folder: Path, workers: int, samples_per_shard: int) -> tuple[float
 
     out = folder.parent / f"out-{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = PrepConfig(source=SourceConfig(kind="imagefolder", input=str(folder)), output=str(out),
-                     policy=ImagePolicy(max_short_side=SHORT_SIDE, quality=QUALITY),
-                     splits="train=1", samples_per_shard=samples_per_shard, workers=workers, dedup=False)
+    cfg = PrepConfig(
+        source=SourceConfig(kind="imagefolder", input=str(folder)),
+        output=str(out),
+        policy=ImagePolicy(max_short_side=SHORT_SIDE, quality=QUALITY),
+        splits="train=1",
+        samples_per_shard=samples_per_shard,
+        workers=workers,
+        dedup=False,
+    )
     summary = run_convert(cfg)
     assert summary["converted"] == summary["inputs"], summary
     return summary["images_per_second"], summary["images_per_cpu_second"]
@@ -105,9 +114,11 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     jpegs = make_jpegs(args.images)
     sizes = [Image.open(io.BytesIO(j)).size for j in jpegs]
-    print(f"{len(jpegs)} JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} kB mean, "
-          f"longer side {min(max(s) for s in sizes)}-{max(max(s) for s in sizes)} px; "
-          f"policy: shorter side <= {SHORT_SIDE}, q{QUALITY}; cores: {os.cpu_count()}")
+    print(
+        f"{len(jpegs)} JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1e3:.0f} kB mean, "
+        f"longer side {min(max(s) for s in sizes)}-{max(max(s) for s in sizes)} px; "
+        f"policy: shorter side <= {SHORT_SIDE}, q{QUALITY}; cores: {os.cpu_count()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos" / "all"
         folder.mkdir(parents=True)
@@ -118,15 +129,20 @@ def main() -> int:
             bare.append(bare_loop(jpegs))
             one.append(converter(folder.parent, 1, args.samples_per_shard))
             two.append(converter(folder.parent, 2, args.samples_per_shard))
-            print(f"run {r + 1}: bare loop {bare[-1][0]:.1f} img/s ({bare[-1][1]:.1f}/CPU s) | convert 1 worker "
-                  f"{one[-1][0]:.1f} img/s ({one[-1][1]:.1f}/CPU s) | 2 workers {two[-1][0]:.1f} img/s", flush=True)
+            print(
+                f"run {r + 1}: bare loop {bare[-1][0]:.1f} img/s ({bare[-1][1]:.1f}/CPU s) | convert 1 worker "
+                f"{one[-1][0]:.1f} img/s ({one[-1][1]:.1f}/CPU s) | 2 workers {two[-1][0]:.1f} img/s",
+                flush=True,
+            )
     # Best of the repeats: contention from other processes only ever slows a run down.
     bw, bc = max(x[0] for x in bare), max(x[1] for x in bare)
     ow, oc = max(x[0] for x in one), max(x[1] for x in one)
     tw = max(x[0] for x in two)
     print(f"best: bare loop {bw:.1f} img/s | convert 1 worker {ow:.1f} img/s | 2 workers {tw:.1f} img/s")
     print(f"ratio per worker, CPU time: convert / bare loop = {oc / bc:.3f}")
-    print(f"ratio per worker, wall time: convert / bare loop = {ow / bw:.3f}; scaling 2 workers / 1 worker = {tw / ow:.3f}")
+    print(
+        f"ratio per worker, wall time: convert / bare loop = {ow / bw:.3f}; scaling 2 workers / 1 worker = {tw / ow:.3f}"
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ runs of 60 one-step rounds agreed within 0.01 (ZeRO-2: 0.946 and 0.949), where r
 5-step rounds scattered over 0.93-0.97. Each round is its own `Trainer.fit` call, so ours also pays a progress bar
 and a log line every step, which a real run does not: the bias is against us.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,15 +44,15 @@ from pathlib import Path
 
 import torch
 
-from pretrain.runtime import distributed
 from pretrain.checkpoint.checkpointer import CheckpointConfig, Checkpointer
-from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
-from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 from pretrain.model.vit import build_model, model_config
-from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
-from pretrain.train.run_log import RunLog
+from pretrain.runtime import distributed
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 from pretrain.runtime.signals import StopRequest, Watchdog
 from pretrain.train.loop import Hooks, TrainConfig, Trainer, loss_fn
+from pretrain.train.run_log import RunLog
+from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
+from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
 from pretrain.zero.patch_fused_grad_norm import fused_grad_norm
 from vitscale_common.config_loader import load_config
 
@@ -113,18 +114,26 @@ class BareLoop:
 class OurLoop:
     """`Trainer.fit` over the DeepSpeed engine, run `steps` at a time."""
 
-    def __init__(self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, run_dir: Path,
-                 zero: ZeroConfig):
+    def __init__(
+        self, model_cfg, optim_cfg, images, targets, total_steps: int, clip: float, run_dir: Path, zero: ZeroConfig
+    ):
         torch.manual_seed(0)
         batch = images.shape[0]
         ds_cfg = deepspeed_config(zero, global_batch=batch, micro_batch=batch, grad_accum=1, clip_grad=clip)
         model = build_model_for(zero, ds_cfg, lambda: build_model(model_cfg))  # under zero.Init at stage 3
         self.engine = build_engine(model, ds_cfg, optim_cfg, total_steps)
-        train_cfg = TrainConfig(steps=total_steps, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10,
-                                optim=optim_cfg)
-        self.trainer = Trainer(self.engine, RepeatBatch(images, targets), train_cfg, num_classes=model_cfg.num_classes,
-                               rank=0, log=RunLog(run_dir, enabled=True, resume_step=0),
-                               hooks=Hooks(save=lambda step, final: None))
+        train_cfg = TrainConfig(
+            steps=total_steps, batch_size=batch, clip_grad=clip, loss="softmax", log_every=10, optim=optim_cfg
+        )
+        self.trainer = Trainer(
+            self.engine,
+            RepeatBatch(images, targets),
+            train_cfg,
+            num_classes=model_cfg.num_classes,
+            rank=0,
+            log=RunLog(run_dir, enabled=True, resume_step=0),
+            hooks=Hooks(save=lambda step, final: None),
+        )
         self.step = 0
 
     def run(self, steps: int) -> None:
@@ -191,19 +200,38 @@ def main() -> None:
     p.add_argument("--round", type=int, default=1, help="steps per round (each round times the bare loop, then ours)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine (0: no sharding)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda needs the GPU DeepSpeed places the engine on")
-    p.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
-                   help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)")
-    p.add_argument("--deepspeed-grad-norm", action="store_true",
-                   help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero/patch_fused_grad_norm.py)")
-    p.add_argument("--bf16", action="store_true",
-                   help="ours with zero.precision=bf16, the bare loop under torch.autocast(bfloat16)")
-    p.add_argument("--zero", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda needs the GPU DeepSpeed places the engine on",
+    )
+    p.add_argument(
+        "--no-reuse-host-memory",
+        dest="reuse_host_memory",
+        action="store_false",
+        help="on a CPU, leave malloc returning freed buffers to the OS (the trainer's run.reuse_host_memory=false)",
+    )
+    p.add_argument(
+        "--deepspeed-grad-norm",
+        action="store_true",
+        help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero/patch_fused_grad_norm.py)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="ours with zero.precision=bf16, the bare loop under torch.autocast(bfloat16)",
+    )
+    p.add_argument(
+        "--zero",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="other fields of the zero config section, e.g. reduce_bucket_size=200000000 overlap_comm=true",
+    )
     args = p.parse_args()
-    zero = load_config(ZeroConfig, overrides=[f"stage={args.stage}", *(["precision=bf16"] if args.bf16 else []),
-                                              *args.zero])
+    zero = load_config(
+        ZeroConfig, overrides=[f"stage={args.stage}", *(["precision=bf16"] if args.bf16 else []), *args.zero]
+    )
     device = torch.device(args.device)
     reuse = device.type == "cpu" and args.reuse_host_memory and keep_freed_host_memory()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
@@ -224,8 +252,14 @@ def main() -> None:
         bare_loop = BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16)
         ours_loop = OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tmp), zero)
         # Where the engine installed ours: the ZeRO optimizer's norm, or at stage 0 the engine's clip.
-        replaced = [(obj, name) for obj, name in ((ours_loop.engine.optimizer, "get_grad_norm_direct"),
-                                                  (ours_loop.engine, "clip_fp32_gradients")) if name in vars(obj)]
+        replaced = [
+            (obj, name)
+            for obj, name in (
+                (ours_loop.engine.optimizer, "get_grad_norm_direct"),
+                (ours_loop.engine, "clip_fp32_gradients"),
+            )
+            if name in vars(obj)
+        ]
         if args.deepspeed_grad_norm:
             for obj, name in replaced:
                 delattr(obj, name)  # back to DeepSpeed's class method
@@ -266,26 +300,40 @@ def main() -> None:
 
     params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: partitioned
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
-          f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"
-          f"{f', bf16 with {zero.grad_dtype} gradients (bare loop: autocast)' if args.bf16 else ''}"
-          f"{', host memory reused' if reuse else ''}{', fused gradient norm' if fused_norm else ''}")
+    print(
+        f"model {args.model} ({params / 1e6:.1f}M params) at {args.img}px, batch {args.batch}, "
+        f"{where}, ZeRO stage {args.stage} {' '.join(args.zero)}"
+        f"{f', bf16 with {zero.grad_dtype} gradients (bare loop: autocast)' if args.bf16 else ''}"
+        f"{', host memory reused' if reuse else ''}{', fused gradient norm' if fused_norm else ''}"
+    )
     steps = rounds * per_round
-    print(f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s  "
-          f"{bare_faults // steps:7d} page faults/step")
-    print(f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s  "
-          f"{ours_faults // steps:7d} page faults/step")
-    print(f"checkpoint save   : {nbytes / 1e6:.0f} MB in {save_s:.2f} s = {nbytes / save_s / 1e6:.0f} MB/s; "
-          f"disk with fsync {bandwidth / 1e6:.0f} MB/s -> {nbytes / bandwidth / save_s:.2f} of the disk's speed")
-    print(f"background save   : training blocked {blocked_s:.2f} s (host copy) -> "
-          f"{blocked_s / save_s:.2f} of the waited save's time")
+    print(
+        f"bare PyTorch loop : {bare * 1e3:8.1f} ms/step  {args.batch / bare:8.1f} img/s  "
+        f"{bare_faults // steps:7d} page faults/step"
+    )
+    print(
+        f"vitscale trainer  : {ours * 1e3:8.1f} ms/step  {args.batch / ours:8.1f} img/s  "
+        f"{ours_faults // steps:7d} page faults/step"
+    )
+    print(
+        f"checkpoint save   : {nbytes / 1e6:.0f} MB in {save_s:.2f} s = {nbytes / save_s / 1e6:.0f} MB/s; "
+        f"disk with fsync {bandwidth / 1e6:.0f} MB/s -> {nbytes / bandwidth / save_s:.2f} of the disk's speed"
+    )
+    print(
+        f"background save   : training blocked {blocked_s:.2f} s (host copy) -> "
+        f"{blocked_s / save_s:.2f} of the waited save's time"
+    )
     if norms:
-        print(f"gradient norm     : {norms[0] * 1e3:.1f} ms fused vs {norms[1] * 1e3:.1f} ms DeepSpeed's per parameter, "
-              f"same gradients -> {norms[1] / norms[0]:.1f}x")
+        print(
+            f"gradient norm     : {norms[0] * 1e3:.1f} ms fused vs {norms[1] * 1e3:.1f} ms DeepSpeed's per parameter, "
+            f"same gradients -> {norms[1] / norms[0]:.1f}x"
+        )
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"peak RSS          : {peak_rss / 1e9:.2f} GB (both loops and the saves, one process)")
-    print(f"per-round ratio   : median {statistics.median(round_ratios):.3f} over {rounds} rounds of {per_round} steps "
-          f"({round_ratios[0]:.3f}-{round_ratios[-1]:.3f})")
+    print(
+        f"per-round ratio   : median {statistics.median(round_ratios):.3f} over {rounds} rounds of {per_round} steps "
+        f"({round_ratios[0]:.3f}-{round_ratios[-1]:.3f})"
+    )
     print(f"trainer throughput / bare loop: {bare / ours:.3f}")
 
 

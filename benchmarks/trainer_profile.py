@@ -6,6 +6,7 @@ ZeRO-1 (or `--stage`) with the paper recipes' 2e8-element buckets.
 
     python benchmarks/trainer_profile.py [--model vit_h14] [--batch 32] [--img 224] [--stage 1] [--bf16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,13 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-from pretrain.runtime import distributed
-from pretrain.zero.engine import ZeroConfig
-from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
-from pretrain.model.vit import model_config
-from pretrain.zero.optimizer import OptimConfig
 from trainer_overhead import BareLoop, OurLoop
+
+from pretrain.model.vit import model_config
+from pretrain.runtime import distributed
+from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
+from pretrain.zero.engine import ZeroConfig
+from pretrain.zero.optimizer import OptimConfig
 
 
 def main() -> None:
@@ -34,8 +35,11 @@ def main() -> None:
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--steps", type=int, default=3, help="profiled steps of each loop")
     p.add_argument("--stage", type=int, default=1, help="ZeRO stage of our engine")
-    p.add_argument("--bf16", action="store_true",
-                   help="ours with zero.precision=bf16 (fp32 gradients), the bare loop under torch.autocast(bfloat16)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="ours with zero.precision=bf16 (fp32 gradients), the bare loop under torch.autocast(bfloat16)",
+    )
     args = p.parse_args()
     distributed.init_process_group(distributed.detect(), 600)
     cuda = torch.cuda.is_available()
@@ -50,11 +54,17 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     targets = torch.randint(0, 100, (args.batch,), generator=g).to(device)
-    zero = ZeroConfig(stage=args.stage, precision="bf16" if args.bf16 else "fp32",
-                      reduce_bucket_size=200_000_000, allgather_bucket_size=200_000_000)
+    zero = ZeroConfig(
+        stage=args.stage,
+        precision="bf16" if args.bf16 else "fp32",
+        reduce_bucket_size=200_000_000,
+        allgather_bucket_size=200_000_000,
+    )
     total = 3 * args.steps + 10
-    loops = {"bare": BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16),
-             "ours": OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tempfile.mkdtemp()), zero)}
+    loops = {
+        "bare": BareLoop(model_cfg, optim_cfg, images, targets, total, 1.0, args.bf16),
+        "ours": OurLoop(model_cfg, optim_cfg, images, targets, total, 1.0, Path(tempfile.mkdtemp()), zero),
+    }
     for loop in loops.values():  # warm-up: allocator, kernels, DeepSpeed's first-step set-up
         loop.run(2)
     sync()

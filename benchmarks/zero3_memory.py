@@ -9,6 +9,7 @@ step to step; allocator warm-up as growth over the first steps only.
 
 Needs about 16 GB of memory and 10-20 s per step on a 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,24 @@ def main() -> int:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}",
-               "-m", "pretrain.train", str(REPO / "configs/pretrain/demo.yaml"), f"data.path={args.data}",
-               f"run.dir={run}", *H14, f"train.steps={args.steps}", "checkpoint.every=0", *args.overrides]
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            "-m",
+            "pretrain.train",
+            str(REPO / "configs/pretrain/demo.yaml"),
+            f"data.path={args.data}",
+            f"run.dir={run}",
+            *H14,
+            f"train.steps={args.steps}",
+            "checkpoint.every=0",
+            *args.overrides,
+        ]
         with open(Path(tmp) / "run.log", "w") as log:
-            proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT
+            )
             root, seen, rows = psutil.Process(proc.pid), 0, []
             while proc.poll() is None:
                 time.sleep(0.5)
@@ -64,13 +78,18 @@ def main() -> int:
                 if step != seen:
                     seen = step
                     rows.append((step, [m.rss / 2**30 for m in mem], [m.pss / 2**30 for m in mem]))
-                    print(f"step {step:3d}: " + "  ".join(f"rank {i} RSS {r:.2f} GiB PSS {q:.2f} GiB"
-                                                          for i, (r, q) in enumerate(zip(rows[-1][1], rows[-1][2]))))
+                    print(
+                        f"step {step:3d}: "
+                        + "  ".join(
+                            f"rank {i} RSS {r:.2f} GiB PSS {q:.2f} GiB"
+                            for i, (r, q) in enumerate(zip(rows[-1][1], rows[-1][2]))
+                        )
+                    )
         if proc.returncode != 0:
             print((Path(tmp) / "run.log").read_text()[-3000:], file=sys.stderr)
             return proc.returncode
     if len(rows) >= 3:
-        later = rows[len(rows) // 2:]  # past the allocator's warm-up over the first steps
+        later = rows[len(rows) // 2 :]  # past the allocator's warm-up over the first steps
         growth = (sum(later[-1][1]) - sum(later[0][1])) / (later[-1][0] - later[0][0])
         print(f"RSS growth of both ranks from step {later[0][0]} to {later[-1][0]}: {growth * 1024:+.0f} MiB per step")
     return 0

@@ -8,6 +8,7 @@
 Convert flags carry the names of PrepConfig keys (`--max-side` is `policy.max_side`);
 flags override the `--config` files, and trailing `key=value` pairs override both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,16 +20,29 @@ from vitscale_common.errors import UserError, cli_entry
 
 # flag -> (config key, type); type bool flags are switches that set the given value.
 CONVERT_FLAGS = {
-    "--source": ("source.kind", str), "--input": ("source.input", str), "--words": ("source.words", str),
-    "--image-column": ("source.image_column", str), "--label-column": ("source.label_column", str),
-    "--labels-column": ("source.labels_column", str), "--split-column": ("source.split_column", str),
-    "--class-list": ("source.class_list", str), "--cifar-labels": ("source.cifar_labels", str),
-    "--output": ("output", str), "--name": ("name", str), "--seed": ("seed", int),
-    "--samples-per-shard": ("samples_per_shard", int), "--splits": ("splits", str),
-    "--workers": ("workers", int), "--num-tasks": ("num_tasks", int), "--task-index": ("task_index", int),
-    "--max-short-side": ("policy.max_short_side", int), "--max-side": ("policy.max_side", int),
-    "--quality": ("policy.quality", int), "--min-side": ("policy.min_side", int),
-    "--max-aspect": ("policy.max_aspect", float), "--max-pixels": ("policy.max_pixels", int),
+    "--source": ("source.kind", str),
+    "--input": ("source.input", str),
+    "--words": ("source.words", str),
+    "--image-column": ("source.image_column", str),
+    "--label-column": ("source.label_column", str),
+    "--labels-column": ("source.labels_column", str),
+    "--split-column": ("source.split_column", str),
+    "--class-list": ("source.class_list", str),
+    "--cifar-labels": ("source.cifar_labels", str),
+    "--output": ("output", str),
+    "--name": ("name", str),
+    "--seed": ("seed", int),
+    "--samples-per-shard": ("samples_per_shard", int),
+    "--splits": ("splits", str),
+    "--workers": ("workers", int),
+    "--num-tasks": ("num_tasks", int),
+    "--task-index": ("task_index", int),
+    "--max-short-side": ("policy.max_short_side", int),
+    "--max-side": ("policy.max_side", int),
+    "--quality": ("policy.quality", int),
+    "--min-side": ("policy.min_side", int),
+    "--max-aspect": ("policy.max_aspect", float),
+    "--max-pixels": ("policy.max_pixels", int),
 }
 SWITCHES = {"--no-pass-through": ("policy.pass_through", False), "--no-dedup": ("dedup", False)}
 
@@ -45,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(flag, type=typ, default=None, help=f"config key {key}{extra}")
     for flag, (key, _) in SWITCHES.items():
         c.add_argument(flag, action="store_true", help=f"sets {key} to false")
-    c.add_argument("--plan-only", action="store_true",
-                   help="list the source and write the plan only (run once before a large array)")
+    c.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="list the source and write the plan only (run once before a large array)",
+    )
     c.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides")
     m = sub.add_parser("merge", help="write the index and dataset.json once every task is done")
     m.add_argument("dir")
@@ -106,8 +123,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     total = sum(len(ShardDataset(args.dir).shards(s)) for s in ShardDataset(args.dir).splits)
     with tqdm(total=total, unit="shard", desc="verify", file=sys.stderr, disable=None) as bar:
-        report = verify_dataset(args.dir, decode=not args.no_decode, workers=max(1, args.workers),
-                                progress=lambda s: bar.update(1))
+        report = verify_dataset(
+            args.dir, decode=not args.no_decode, workers=max(1, args.workers), progress=lambda s: bar.update(1)
+        )
     for problem in report.problems:
         print(f"problem: {problem}")
     status = "OK" if report.ok else f"{len(report.problems)} problems"
@@ -123,19 +141,25 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(ds.info, indent=2, sort_keys=True))
         return 0
     info = ds.info
-    print(f"{ds.path}: {info['name']} (source {info['source']}), {ds.num_classes} classes, "
-          f"{ds.label_kind}-label, format v{info['format_version']}")
+    print(
+        f"{ds.path}: {info['name']} (source {info['source']}), {ds.num_classes} classes, "
+        f"{ds.label_kind}-label, format v{info['format_version']}"
+    )
     for split in ds.splits:
         s = info["splits"][split]
         size = sum(sh.num_bytes for sh in ds.shards(split))
-        print(f"  {split:<8} {s['num_samples']:>10} samples {s['num_shards']:>6} shards {size / 1e6:>10.1f} MB"
-              f"   rejected {s['num_rejected']}, excluded {s['num_excluded']}")
+        print(
+            f"  {split:<8} {s['num_samples']:>10} samples {s['num_shards']:>6} shards {size / 1e6:>10.1f} MB"
+            f"   rejected {s['num_rejected']}, excluded {s['num_excluded']}"
+        )
     reasons = ", ".join(f"{k} {v}" for k, v in info["rejected_by_reason"].items()) or "none"
     pol = info["policy"]
     bound = f"longer side <= {pol['max_side']}" if pol["max_side"] else f"shorter side <= {pol['max_short_side']}"
     print(f"  inputs {info['num_inputs']}, rejected: {reasons}")
-    print(f"  images: RGB JPEG q{pol['quality']}, {bound}, seed {info['seed']}, "
-          f"{info['samples_per_shard']} inputs per shard")
+    print(
+        f"  images: RGB JPEG q{pol['quality']}, {bound}, seed {info['seed']}, "
+        f"{info['samples_per_shard']} inputs per shard"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """`PrepConfig`: a conversion recipe (configs/prep/*.yaml); `vit-prep` flags use the same names."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,8 @@ from typing import Optional
 
 from data_prep.policy import ImagePolicy
 from data_prep.sources.base import SourceConfig
-from vitscale_common.slurm_config import SlurmConfig
 from vitscale_common.errors import UserError
+from vitscale_common.slurm_config import SlurmConfig
 
 
 @dataclass

@@ -6,6 +6,7 @@ last a small `done` record. A shard with a `done` record is never redone, so rer
 after a crash (or kill -9) redoes only unfinished shards; since every file is a pure
 function of the plan, the result is byte-identical to an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,10 +31,10 @@ from data_prep.plan import Plan, ShardTask, split_sort_key
 from data_prep.policy import ImagePolicy, Rejected, convert_image
 from data_prep.sources import Listing, Source, build_source
 from sharding import format as fmt
-from vitscale_common.atomic import atomic_open, atomic_write_text
-from vitscale_common.errors import UserError
 from sharding.index import REJECTED_SCHEMA, SAMPLE_SCHEMA, table_from_rows, write_table
 from sharding.writer import ShardTarWriter
+from vitscale_common.atomic import atomic_open, atomic_write_text
+from vitscale_common.errors import UserError
 
 LISTING_CACHE = "listing.arrow"  # Arrow IPC, so tasks can memory-map it
 UNEXPECTED = "unexpected_error"  # a bug or an exotic input: counted and kept, not fatal
@@ -91,6 +92,7 @@ def _write_arrow(path: Path, table: pa.Table) -> None:
     def write(p):
         with atomic_open(p, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
+
     _shared_write(path, write)
 
 
@@ -115,8 +117,9 @@ def load_listing(source: Source, out: Path, cache_it: bool = True) -> Listing:
     if not cache_it:
         return listing
     _write_arrow(work_path(out, LISTING_CACHE), listing.items)
-    meta = canonical_json({"fingerprint": fingerprint, "classes": [list(c) for c in listing.classes],
-                           "label_kind": listing.label_kind})
+    meta = canonical_json(
+        {"fingerprint": fingerprint, "classes": [list(c) for c in listing.classes], "label_kind": listing.label_kind}
+    )
     _shared_write(meta_path, lambda p: atomic_write_text(p, meta))
     return listing
 
@@ -188,27 +191,46 @@ class _Worker:
                     continue
                 key = fmt.sample_key(task.split, task.shard, slot)
                 label_ext, label_bytes, label, labels = self._label_member(row)
-                meta = json.dumps({"source_id": row["source_id"], "orig_size": list(image.orig_size),
-                                   "size": list(image.size)}, sort_keys=True).encode()
+                meta = json.dumps(
+                    {"source_id": row["source_id"], "orig_size": list(image.orig_size), "size": list(image.size)},
+                    sort_keys=True,
+                ).encode()
                 loc = tar.add(key, [(fmt.IMAGE_EXT, image.jpeg), (label_ext, label_bytes), (fmt.META_EXT, meta)])
                 passed += image.passed_through
-                samples.append({
-                    "key": key, "split": task.split, "shard": task.shard, "slot": slot,
-                    "sample_offset": loc.offset, "sample_size": loc.size,
-                    "jpg_offset": loc.members[fmt.IMAGE_EXT].offset, "jpg_size": len(image.jpeg),
-                    "label_offset": loc.members[label_ext].offset, "label_size": len(label_bytes),
-                    "json_offset": loc.members[fmt.META_EXT].offset, "json_size": len(meta),
-                    "label": label, "labels": labels,
-                    "sha256": hashlib.sha256(image.jpeg).hexdigest(), "source_id": row["source_id"],
-                    "width": image.size[0], "height": image.size[1],
-                })
+                samples.append(
+                    {
+                        "key": key,
+                        "split": task.split,
+                        "shard": task.shard,
+                        "slot": slot,
+                        "sample_offset": loc.offset,
+                        "sample_size": loc.size,
+                        "jpg_offset": loc.members[fmt.IMAGE_EXT].offset,
+                        "jpg_size": len(image.jpeg),
+                        "label_offset": loc.members[label_ext].offset,
+                        "label_size": len(label_bytes),
+                        "json_offset": loc.members[fmt.META_EXT].offset,
+                        "json_size": len(meta),
+                        "label": label,
+                        "labels": labels,
+                        "sha256": hashlib.sha256(image.jpeg).hexdigest(),
+                        "source_id": row["source_id"],
+                        "width": image.size[0],
+                        "height": image.size[1],
+                    }
+                )
         write_table(self.out / fmt.shard_index_path(task.split, task.shard), table_from_rows(samples, SAMPLE_SCHEMA))
         write_table(rejected_part_path(self.out, task), table_from_rows(rejected, REJECTED_SCHEMA))
         record = {
-            "split": task.split, "shard": task.shard, "name": task.name,
+            "split": task.split,
+            "shard": task.shard,
+            "name": task.name,
             "path": fmt.shard_path(task.split, task.shard),
-            "num_samples": tar.num_samples, "num_bytes": tar.num_bytes, "sha256": tar.sha256(),
-            "num_inputs": task.num_inputs, "num_rejected": len(rejected),
+            "num_samples": tar.num_samples,
+            "num_bytes": tar.num_bytes,
+            "sha256": tar.sha256(),
+            "num_inputs": task.num_inputs,
+            "num_rejected": len(rejected),
             "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
             "num_passed_through": passed,
             "cpu_seconds": round(time.process_time() - cpu_start, 6),  # not in the dataset: timing only
@@ -218,8 +240,14 @@ class _Worker:
 
     @staticmethod
     def _rejection(task: ShardTask, slot: int, row: dict, reason: str, detail: str) -> dict:
-        return {"split": task.split, "shard": task.shard, "slot": slot,
-                "source_id": row["source_id"], "reason": reason, "detail": detail[:500]}
+        return {
+            "split": task.split,
+            "shard": task.shard,
+            "slot": slot,
+            "source_id": row["source_id"],
+            "reason": reason,
+            "detail": detail[:500],
+        }
 
 
 _worker: Optional[_Worker] = None
@@ -241,8 +269,10 @@ def _check_output(out: Path, doc: dict) -> Optional[str]:
     if plan_path.is_file():
         old = json.loads(plan_path.read_text())
         if old["plan_id"] != doc["plan_id"]:
-            raise UserError(f"{out}: holds a conversion with different settings (plan {old['plan_id']}, "
-                            f"now {doc['plan_id']}); use another --output or delete it")
+            raise UserError(
+                f"{out}: holds a conversion with different settings (plan {old['plan_id']}, "
+                f"now {doc['plan_id']}); use another --output or delete it"
+            )
         return None
     info = out / fmt.DATASET_JSON
     if info.is_file():
@@ -288,8 +318,11 @@ def run_convert(cfg: PrepConfig, plan_only: bool = False) -> dict:
     for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
         (out / folder).mkdir(parents=True, exist_ok=True)
     if plan_only:
-        print(f"{out}: planned {doc['num_inputs']} inputs into {len(Plan.from_dict(doc['plan']).shards())} shards "
-              f"(plan {doc['plan_id']}); now run the convert tasks", file=sys.stderr)
+        print(
+            f"{out}: planned {doc['num_inputs']} inputs into {len(Plan.from_dict(doc['plan']).shards())} shards "
+            f"(plan {doc['plan_id']}); now run the convert tasks",
+            file=sys.stderr,
+        )
         return {"planned": True, "plan_id": doc["plan_id"]}
 
     plan = Plan.from_dict(doc["plan"])
@@ -298,15 +331,27 @@ def run_convert(cfg: PrepConfig, plan_only: bool = False) -> dict:
     started = time.time()
     records = _run_shards(out, source, doc, todo, min(cfg.workers, max(1, len(todo))))
     elapsed = time.time() - started
-    atomic_write_text(work_path(out, f"provenance-task-{task_index:05d}.json"), canonical_json({
-        "task_index": task_index, "num_tasks": num_tasks, "host": socket.gethostname(),
-        "workers": cfg.workers, "command": sys.argv, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(elapsed, 3), "shards_converted": len(todo), "shards_already_done": len(mine) - len(todo),
-    }))
+    atomic_write_text(
+        work_path(out, f"provenance-task-{task_index:05d}.json"),
+        canonical_json(
+            {
+                "task_index": task_index,
+                "num_tasks": num_tasks,
+                "host": socket.gethostname(),
+                "workers": cfg.workers,
+                "command": sys.argv,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(elapsed, 3),
+                "shards_converted": len(todo),
+                "shards_already_done": len(mine) - len(todo),
+            }
+        ),
+    )
     summary = _summarise(records, len(mine) - len(todo), elapsed)
     print(_summary_line(summary, task_index, num_tasks), file=sys.stderr)
     if num_tasks == 1:
         from data_prep.merge import run_merge
+
         run_merge(out)
     else:
         print(f"task {task_index} of {num_tasks} done; after all tasks: vit-prep merge {out}", file=sys.stderr)
@@ -317,8 +362,14 @@ def _run_shards(out: Path, source: Source, doc: dict, todo: list[ShardTask], wor
     records = []
     total = sum(t.num_inputs for t in todo)
     # In a SLURM log (not a terminal) a line every 30 s instead of a live bar.
-    with tqdm(total=total, unit="img", desc="convert", smoothing=0.05, file=sys.stderr,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+    with tqdm(
+        total=total,
+        unit="img",
+        desc="convert",
+        smoothing=0.05,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    ) as bar:
         if workers == 1:
             _init_worker(out, source, doc)
             for task in todo:
@@ -334,8 +385,10 @@ def _run_shards(out: Path, source: Source, doc: dict, todo: list[ShardTask], wor
                     records.append(future.result())
                     bar.update(records[-1]["num_inputs"])
             except BrokenProcessPool:
-                raise UserError(f"a convert worker died; the {len(records)} shards finished here are kept: "
-                                "rerun the same command to convert the rest") from None
+                raise UserError(
+                    f"a convert worker died; the {len(records)} shards finished here are kept: "
+                    "rerun the same command to convert the rest"
+                ) from None
             finally:
                 for f in futures:
                     f.cancel()
@@ -348,11 +401,15 @@ def _summarise(records: list[dict], already_done: int, elapsed: float) -> dict:
         reasons.update(r["rejected_by_reason"])
     inputs = sum(r["num_inputs"] for r in records)
     return {
-        "shards": len(records), "shards_already_done": already_done, "inputs": inputs,
-        "converted": sum(r["num_samples"] for r in records), "rejected": sum(reasons.values()),
+        "shards": len(records),
+        "shards_already_done": already_done,
+        "inputs": inputs,
+        "converted": sum(r["num_samples"] for r in records),
+        "rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
         "passed_through": sum(r["num_passed_through"] for r in records),
-        "bytes": sum(r["num_bytes"] for r in records), "seconds": elapsed,
+        "bytes": sum(r["num_bytes"] for r in records),
+        "seconds": elapsed,
         "images_per_second": inputs / elapsed if elapsed > 0 else 0.0,
         "cpu_seconds": (cpu := sum(r["cpu_seconds"] for r in records)),
         "images_per_cpu_second": inputs / cpu if cpu > 0 else 0.0,
@@ -362,7 +419,9 @@ def _summarise(records: list[dict], already_done: int, elapsed: float) -> dict:
 def _summary_line(s: dict, task_index: int, num_tasks: int) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in s["rejected_by_reason"].items()) or "none"
     task = f"task {task_index}/{num_tasks}: " if num_tasks > 1 else ""
-    return (f"{task}{s['shards']} shards converted ({s['shards_already_done']} already done): "
-            f"{s['inputs']} inputs -> {s['converted']} samples ({s['passed_through']} passed through), "
-            f"{s['rejected']} rejected ({reasons}); {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, "
-            f"{s['images_per_second']:.0f} img/s ({s['images_per_cpu_second']:.0f} per busy core)")
+    return (
+        f"{task}{s['shards']} shards converted ({s['shards_already_done']} already done): "
+        f"{s['inputs']} inputs -> {s['converted']} samples ({s['passed_through']} passed through), "
+        f"{s['rejected']} rejected ({reasons}); {s['bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s, "
+        f"{s['images_per_second']:.0f} img/s ({s['images_per_cpu_second']:.0f} per busy core)"
+    )

@@ -26,6 +26,7 @@ The result is `exclusions/dedup-NAME.parquet` (columns key, reason) in the pretr
 dataset, which the sample stream honours without rewriting shards, plus an HTML report
 with each excluded image beside the test image it copies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,10 @@ from tqdm import tqdm
 
 from sharding import format as fmt
 from sharding import open_dataset
-from vitscale_common.atomic import atomic_write_text
-from vitscale_common.errors import UserError, cli_entry
 from sharding.index import write_table
 from sharding.tar_reader import ShardDamage, iter_samples
+from vitscale_common.atomic import atomic_write_text
+from vitscale_common.errors import UserError, cli_entry
 
 THUMB = 32  # side of the grey thumbnail the DCT is taken on
 DCT_K = 12  # the hash keeps the K x K lowest frequencies minus DC: K*K - 1 bits
@@ -92,8 +93,12 @@ def pixel_sha256(im: Image.Image) -> str:
 
 def _centre_box(w: int, h: int, shift_x=0.0, shift_y=0.0, scale=1.0) -> tuple[float, float, float, float]:
     half = (0.5 - TRIM) * scale
-    return (max(0.0, (0.5 + shift_x - half) * w), max(0.0, (0.5 + shift_y - half) * h),
-            min(w, (0.5 + shift_x + half) * w), min(h, (0.5 + shift_y + half) * h))
+    return (
+        max(0.0, (0.5 + shift_x - half) * w),
+        max(0.0, (0.5 + shift_y - half) * h),
+        min(w, (0.5 + shift_x + half) * w),
+        min(h, (0.5 + shift_y + half) * h),
+    )
 
 
 def describe(ycbcr: Image.Image, box) -> tuple[np.ndarray, np.ndarray] | None:
@@ -120,8 +125,14 @@ class Signatures:
 
     @classmethod
     def empty(cls) -> "Signatures":
-        return cls([], [], np.zeros(0, np.int64), np.zeros((0, HASH_BITS), bool),
-                   np.zeros((0, GRID * GRID * 3), np.float32), [])
+        return cls(
+            [],
+            [],
+            np.zeros(0, np.int64),
+            np.zeros((0, HASH_BITS), bool),
+            np.zeros((0, GRID * GRID * 3), np.float32),
+            [],
+        )
 
     @classmethod
     def concat(cls, parts: Sequence["Signatures"]) -> "Signatures":
@@ -144,8 +155,9 @@ def thumbnail_jpeg(im: Image.Image, side: int = 128) -> bytes:
     return buf.getvalue()
 
 
-def signatures(images: Iterable[tuple[str, bytes]], *, variants: bool, thumbs: bool = False,
-               skipped: list | None = None) -> Signatures:
+def signatures(
+    images: Iterable[tuple[str, bytes]], *, variants: bool, thumbs: bool = False, skipped: list | None = None
+) -> Signatures:
     """Signatures of (key, encoded bytes) pairs; undecodable ones go to `skipped` as (key, why)."""
     boxes = [(dx, dy, s) for s in SCALES for dx in SHIFTS for dy in SHIFTS] if variants else [(0.0, 0.0, 1.0)]
     keys, exact, owner, bits, colour, thumb_list = [], [], [], [], [], []
@@ -169,9 +181,13 @@ def signatures(images: Iterable[tuple[str, bytes]], *, variants: bool, thumbs: b
                 bits.append(d[0])
                 colour.append(d[1])
     return Signatures(
-        keys, exact, np.asarray(owner, np.int64),
+        keys,
+        exact,
+        np.asarray(owner, np.int64),
         np.asarray(bits, bool).reshape(-1, HASH_BITS),
-        np.asarray(colour, np.float32).reshape(-1, GRID * GRID * 3), thumb_list)
+        np.asarray(colour, np.float32).reshape(-1, GRID * GRID * 3),
+        thumb_list,
+    )
 
 
 # --------------------------------------------------------------------------- matching
@@ -183,8 +199,9 @@ class Match:
     distance: float  # 0 for exact
 
 
-def near_distances(query: Signatures, ref: Signatures, cutoff: float = THRESHOLD, block: int = 16384,
-                   pairs_per_chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+def near_distances(
+    query: Signatures, ref: Signatures, cutoff: float = THRESHOLD, block: int = 16384, pairs_per_chunk: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray]:
     """For each query near row: (smallest distance to any ref row, that row's ref image).
 
     Only pairs whose Hamming part is within `cutoff` get a distance (distance >= Hamming,
@@ -300,8 +317,14 @@ class DedupResult:
     skipped: list
 
 
-def deduplicate(pretrain: Path, splits: Sequence[str], test_sets: Sequence[TestSet], workers: int = 1,
-                task_index: int = 0, num_tasks: int = 1) -> DedupResult:
+def deduplicate(
+    pretrain: Path,
+    splits: Sequence[str],
+    test_sets: Sequence[TestSet],
+    workers: int = 1,
+    task_index: int = 0,
+    num_tasks: int = 1,
+) -> DedupResult:
     """Scan this task's share of the pretraining shards (every num_tasks-th) against the test sets."""
     test = Signatures.concat([t.signatures for t in test_sets])
     names = [t.name for t in test_sets for _ in t.signatures.keys]
@@ -347,13 +370,19 @@ def remove_other_splits(pretrain: Path, name: str, num_tasks: int) -> None:
 def write_exclusions(pretrain: Path, stem: str, result: DedupResult) -> Path:
     """`exclusions/STEM.parquet`: the stream reads key and reason; the rest is for people."""
     out = pretrain / fmt.EXCLUSIONS_DIR / f"{stem}.parquet"
-    table = pa.table({
-        "key": [m.key for m in result.matches],
-        "reason": [f"{m.kind}_duplicate_of_test_image" for m in result.matches],
-        "duplicate_of": [f"{result.test_names[m.test_index]}/{result.test_keys[m.test_index]}" for m in result.matches],
-        "distance": [m.distance for m in result.matches],
-    }, schema=pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()),
-                         ("distance", pa.float64())]))
+    table = pa.table(
+        {
+            "key": [m.key for m in result.matches],
+            "reason": [f"{m.kind}_duplicate_of_test_image" for m in result.matches],
+            "duplicate_of": [
+                f"{result.test_names[m.test_index]}/{result.test_keys[m.test_index]}" for m in result.matches
+            ],
+            "distance": [m.distance for m in result.matches],
+        },
+        schema=pa.schema(
+            [("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()), ("distance", pa.float64())]
+        ),
+    )
     write_table(out, table)
     return out
 
@@ -370,7 +399,9 @@ def write_report(path: Path, result: DedupResult, limit: int = 2000) -> None:
         f"<td>{_img_tag(result.test_thumbs[m.test_index])}<br>"
         f"{html.escape(result.test_names[m.test_index])}/{html.escape(result.test_keys[m.test_index])}</td>"
         f"<td>{m.kind}</td><td>{m.distance:.1f}</td></tr>"
-        for m in shown if m.key in result.thumbs)
+        for m in shown
+        if m.key in result.thumbs
+    )
     exact = sum(m.kind == "exact" for m in result.matches)
     page = f"""<!doctype html><meta charset="utf-8"><title>De-duplication report</title>
 <style>body{{font-family:sans-serif}} td{{padding:4px;vertical-align:top;font-size:12px}} img{{max-height:128px}}</style>
@@ -389,8 +420,13 @@ images skipped. Showing {len(shown)}, least certain first.</p>
 # --------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pretrain", type=Path, help="the pretraining shard dataset to clean")
-    p.add_argument("--against", action="append", required=True, metavar="DIR[:SPLIT]",
-                   help="a downstream shard dataset and split (default test); repeat for several")
+    p.add_argument(
+        "--against",
+        action="append",
+        required=True,
+        metavar="DIR[:SPLIT]",
+        help="a downstream shard dataset and split (default test); repeat for several",
+    )
     p.add_argument("--splits", default="train", help="comma-separated pretraining splits to scan")
     p.add_argument("--name", default="downstream", help="exclusion list name: exclusions/dedup-NAME.parquet")
     p.add_argument("--workers", type=int, default=1, help="processes scanning pretraining shards")
@@ -403,8 +439,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.task_index < args.num_tasks:
         raise UserError(f"--task-index {args.task_index} is not in 0..{args.num_tasks - 1}")
     test_sets = [load_test_set(spec) for spec in args.against]
-    result = deduplicate(args.pretrain, args.splits.split(","), test_sets, workers=args.workers,
-                         task_index=args.task_index, num_tasks=args.num_tasks)
+    result = deduplicate(
+        args.pretrain,
+        args.splits.split(","),
+        test_sets,
+        workers=args.workers,
+        task_index=args.task_index,
+        num_tasks=args.num_tasks,
+    )
     stem = exclusion_name(args.name, args.task_index, args.num_tasks)
     remove_other_splits(args.pretrain, args.name, args.num_tasks)
     out = write_exclusions(args.pretrain, stem, result)
@@ -412,9 +454,11 @@ def run(args: argparse.Namespace) -> int:
     report.parent.mkdir(parents=True, exist_ok=True)
     write_report(report, result)
     exact = sum(m.kind == "exact" for m in result.matches)
-    print(f"scanned {result.scanned_shards} shards against {len(result.test_keys)} test images: "
-          f"excluded {len(result.matches)} ({exact} exact, {len(result.matches) - exact} near), "
-          f"{len(result.skipped)} undecodable skipped -> {out}, report {report}")
+    print(
+        f"scanned {result.scanned_shards} shards against {len(result.test_keys)} test images: "
+        f"excluded {len(result.matches)} ({exact} exact, {len(result.matches) - exact} near), "
+        f"{len(result.skipped)} undecodable skipped -> {out}, report {report}"
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ provenance.json, checks that inputs = converted + rejected, then removes the wor
 Every file but provenance.json is a function of the plan alone, so T tasks + merge give
 the same bytes as one node.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from data_prep.convert import canonical_json, done_path, is_done, rejected_part_
 from data_prep.plan import Plan, ShardTask
 from data_prep.policy import ImagePolicy
 from sharding import format as fmt
+from sharding.index import REJECTED_SCHEMA, SHARD_SCHEMA, concat, read_table, table_from_rows, write_table
 from vitscale_common.atomic import atomic_write_text, remove_stale_temps
 from vitscale_common.errors import UserError
-from sharding.index import REJECTED_SCHEMA, SHARD_SCHEMA, concat, read_table, table_from_rows, write_table
 
 DUPLICATE = "exact_duplicate"
 EXACT_DUPLICATES = "exact_duplicates.parquet"
@@ -42,15 +43,18 @@ def run_merge(out: str | Path) -> dict:
     shards = Plan.from_dict(doc["plan"]).shards()
     missing = [t.name for t in shards if not is_done(out, t)]
     if missing:
-        raise UserError(f"{out}: {len(missing)} of {len(shards)} shards are not converted yet "
-                        f"(first: {missing[0]}); run or rerun the convert tasks, then merge")
+        raise UserError(
+            f"{out}: {len(missing)} of {len(shards)} shards are not converted yet "
+            f"(first: {missing[0]}); run or rerun the convert tasks, then merge"
+        )
     records = [json.loads(done_path(out, t).read_text()) for t in shards]
     _check_counts(doc, shards, records)
     for folder in (".", fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.EXCLUSIONS_DIR):
         remove_stale_temps(out / folder, all_writers=True)  # every shard is done: the rest is from killed runs
 
-    write_table(out / fmt.SHARD_TABLE, table_from_rows(
-        [{k: r[k] for k in SHARD_SCHEMA.names} for r in records], SHARD_SCHEMA))
+    write_table(
+        out / fmt.SHARD_TABLE, table_from_rows([{k: r[k] for k in SHARD_SCHEMA.names} for r in records], SHARD_SCHEMA)
+    )
     write_table(out / fmt.REJECTED, concat([rejected_part_path(out, t) for t in shards], REJECTED_SCHEMA))
     excluded = _write_exclusions(out, shards) if doc["dedup"] else Counter()
     _write_classes(out, doc["classes"])
@@ -59,9 +63,12 @@ def run_merge(out: str | Path) -> dict:
     _write_interop(out, doc["name"], records)
     _write_provenance(out, doc)
     shutil.rmtree(out / fmt.WORK_DIR)
-    print(f"merged {out}: " + ", ".join(f"{s} {v['num_samples']} samples in {v['num_shards']} shards"
-                                        for s, v in info["splits"].items())
-          + f"; {info['num_rejected']} rejected, {info['num_excluded']} excluded as duplicates", file=sys.stderr)
+    print(
+        f"merged {out}: "
+        + ", ".join(f"{s} {v['num_samples']} samples in {v['num_shards']} shards" for s, v in info["splits"].items())
+        + f"; {info['num_rejected']} rejected, {info['num_excluded']} excluded as duplicates",
+        file=sys.stderr,
+    )
     return info
 
 
@@ -69,8 +76,9 @@ def _check_counts(doc: dict, shards: list[ShardTask], records: list[dict]) -> No
     """The invariant: every planned input is either a sample or a recorded rejection."""
     for t, r in zip(shards, records):
         if r["num_inputs"] != t.num_inputs or r["num_samples"] + r["num_rejected"] != t.num_inputs:
-            raise UserError(f"{t.name}: {r['num_samples']} samples + {r['num_rejected']} rejected "
-                            f"!= {t.num_inputs} planned inputs")
+            raise UserError(
+                f"{t.name}: {r['num_samples']} samples + {r['num_rejected']} rejected != {t.num_inputs} planned inputs"
+            )
     total = sum(r["num_inputs"] for r in records)
     if total != doc["num_inputs"]:
         raise UserError(f"plan covers {total} inputs but the listing has {doc['num_inputs']}")
@@ -111,9 +119,14 @@ def _write_exclusions(out: Path, shards: list[ShardTask]) -> Counter:
 
     rows = sorted(zip(order[dup].tolist(), kept[dup].tolist()))  # in keep order
     per_split = Counter(order_shards[shard_of[r]].split for r, _ in rows)
-    table = pa.table({"key": [key(r) for r, _ in rows], "reason": [DUPLICATE] * len(rows),
-                      "duplicate_of": [key(k) for _, k in rows]},
-                     schema=pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())]))
+    table = pa.table(
+        {
+            "key": [key(r) for r, _ in rows],
+            "reason": [DUPLICATE] * len(rows),
+            "duplicate_of": [key(k) for _, k in rows],
+        },
+        schema=pa.schema([("key", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string())]),
+    )
     write_table(out / fmt.EXCLUSIONS_DIR / EXACT_DUPLICATES, table)
     return per_split
 
@@ -130,25 +143,46 @@ def _dataset_info(doc: dict, records: list[dict], excluded: Counter) -> dict:
     splits: dict[str, dict] = {}
     reasons: Counter = Counter()
     for r in records:
-        s = splits.setdefault(r["split"], {"num_samples": 0, "num_shards": 0, "num_inputs": 0,
-                                           "num_rejected": 0, "num_excluded": excluded.get(r["split"], 0)})
+        s = splits.setdefault(
+            r["split"],
+            {
+                "num_samples": 0,
+                "num_shards": 0,
+                "num_inputs": 0,
+                "num_rejected": 0,
+                "num_excluded": excluded.get(r["split"], 0),
+            },
+        )
         s["num_samples"] += r["num_samples"]
         s["num_shards"] += 1
         s["num_inputs"] += r["num_inputs"]
         s["num_rejected"] += r["num_rejected"]
         reasons.update(r["rejected_by_reason"])
     return {
-        "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION,
-        "name": doc["name"], "source": doc["source"], "label_kind": doc["label_kind"],
-        "num_classes": len(doc["classes"]), "splits": splits,
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "name": doc["name"],
+        "source": doc["source"],
+        "label_kind": doc["label_kind"],
+        "num_classes": len(doc["classes"]),
+        "splits": splits,
         "split_order": [sp["name"] for sp in doc["plan"]["splits"]],
-        "num_inputs": doc["num_inputs"], "num_samples": sum(s["num_samples"] for s in splits.values()),
-        "num_rejected": sum(reasons.values()), "rejected_by_reason": dict(sorted(reasons.items())),
-        "num_excluded": sum(excluded.values()), "dedup": doc["dedup"],
-        "samples_per_shard": doc["plan"]["samples_per_shard"], "seed": doc["seed"], "split_by": doc["split_by"],
-        "members": {"image": fmt.IMAGE_EXT, "label": fmt.LABELS_EXT if doc["label_kind"] == fmt.LABEL_MULTI
-                    else fmt.CLASS_EXT, "meta": fmt.META_EXT},
-        "policy": ImagePolicy(**doc["policy"]).describe(), "plan_id": doc["plan_id"],
+        "num_inputs": doc["num_inputs"],
+        "num_samples": sum(s["num_samples"] for s in splits.values()),
+        "num_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "num_excluded": sum(excluded.values()),
+        "dedup": doc["dedup"],
+        "samples_per_shard": doc["plan"]["samples_per_shard"],
+        "seed": doc["seed"],
+        "split_by": doc["split_by"],
+        "members": {
+            "image": fmt.IMAGE_EXT,
+            "label": fmt.LABELS_EXT if doc["label_kind"] == fmt.LABEL_MULTI else fmt.CLASS_EXT,
+            "meta": fmt.META_EXT,
+        },
+        "policy": ImagePolicy(**doc["policy"]).describe(),
+        "plan_id": doc["plan_id"],
     }
 
 
@@ -171,6 +205,15 @@ def _write_interop(out: Path, name: str, records: list[dict]) -> None:
 def _write_provenance(out: Path, doc: dict) -> None:
     tasks = [json.loads(p.read_text()) for p in sorted((out / fmt.WORK_DIR).glob("provenance-task-*.json"))]
     listing = json.loads(work_path(out, "listing.json").read_text())
-    atomic_write_text(out / fmt.PROVENANCE_JSON, canonical_json({
-        "plan_id": doc["plan_id"], "source": listing["fingerprint"], "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "merge_command": sys.argv, "tasks": tasks}))
+    atomic_write_text(
+        out / fmt.PROVENANCE_JSON,
+        canonical_json(
+            {
+                "plan_id": doc["plan_id"],
+                "source": listing["fingerprint"],
+                "merged": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "merge_command": sys.argv,
+                "tasks": tasks,
+            }
+        ),
+    )

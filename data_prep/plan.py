@@ -9,6 +9,7 @@ never on how many tasks or workers run. Array tasks take shards round-robin.
 Nothing here holds a per-item array for the whole listing: a shard's listing indices
 are computed on demand from the bijection (sharding.permutation).
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Checks run cheapest first, and everything that can be judged from the header (pi
 count, sides, aspect ratio) is judged before a single pixel is decoded, so a
 decompression bomb costs a header read, not gigabytes of memory.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,9 +49,14 @@ class ImagePolicy:
             raise ValueError("policy.min_side, max_aspect and max_pixels must be >= 1")
 
     def describe(self) -> dict:
-        return {**asdict(self), "format": "JPEG", "mode": "RGB 8-bit",
-                "alpha": "composited on white", "exif_orientation": "applied",
-                "resample": "Lanczos (JPEG DCT draft scaling first)"}
+        return {
+            **asdict(self),
+            "format": "JPEG",
+            "mode": "RGB 8-bit",
+            "alpha": "composited on white",
+            "exif_orientation": "applied",
+            "resample": "Lanczos (JPEG DCT draft scaling first)",
+        }
 
     def target_size(self, w: int, h: int) -> tuple[int, int]:
         """The output size of an upright w x h image: aspect kept, never upscaled."""
@@ -162,8 +168,7 @@ def convert_image(data: bytes, policy: ImagePolicy) -> ConvertedImage:
     upright = (h, w) if swaps else (w, h)
     target = policy.target_size(*upright)
 
-    if (policy.pass_through and img.format == "JPEG" and img.mode == "RGB"
-            and orientation == 1 and target == (w, h)):
+    if policy.pass_through and img.format == "JPEG" and img.mode == "RGB" and orientation == 1 and target == (w, h):
         _decode(img)  # proves the bytes are whole before they are kept as they are
         return ConvertedImage(data, (w, h), (w, h), passed_through=True)
 

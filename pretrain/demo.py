@@ -14,6 +14,7 @@ and print a summary table with the path of everything written.
 Every stage is the same command a user would type (each is printed before it runs), and
 every stage resumes: interrupt the demo at any point and run it again to continue.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def run_stage(title: str, argv: list[str]) -> float:
     # A stage that fails (or is interrupted) stops the demo; its outputs are resumable.
     rc = subprocess.call(argv)
     if rc != 0:
-        raise UserError(f"stage '{title}' failed with exit code {rc}; fix the cause and rerun "
-                        "vit-demo: finished stages are kept and interrupted ones resume")
+        raise UserError(
+            f"stage '{title}' failed with exit code {rc}; fix the cause and rerun "
+            "vit-demo: finished stages are kept and interrupted ones resume"
+        )
     return time.monotonic() - start
 
 
@@ -73,8 +76,7 @@ def launcher(nproc: int, module: str) -> list[str]:
     """torchrun on a free port (several demos or tests may run side by side)."""
     if nproc == 1:
         return [sys.executable, "-m", module]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", module]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
 
 
 def test_top1(eval_dir: Path, resolution: int) -> float:
@@ -96,9 +98,11 @@ def summary_table(rows: list[tuple[str, str, str]]) -> str:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="vit-demo", description=__doc__.split("\n\n")[0],
+        prog="vit-demo",
+        description=__doc__.split("\n\n")[0],
         epilog="Rerunning with the same --out resumes. Extra key=value overrides go to one stage, "
-               "e.g. --pretrain train.epochs=5 --finetune train.epochs=2 for a quick look.")
+        "e.g. --pretrain train.epochs=5 --finetune train.epochs=2 for a quick look.",
+    )
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for everything (default: demo_out)")
     p.add_argument("--nproc", type=int, default=2, help="training processes (DeepSpeed ranks, gloo on CPU)")
     p.add_argument("--pretrain", nargs="*", default=[], metavar="key=value", help="overrides for the pretraining stage")
@@ -115,38 +119,75 @@ def main(argv=None) -> int:
     python = sys.executable
     timings = {}
 
-    timings["convert"] = run_stage("convert the digits into shards", [
-        python, "-m", "data_prep.cli", "convert", "--source", "digits", "--output", str(paths.shards)])
+    timings["convert"] = run_stage(
+        "convert the digits into shards",
+        [python, "-m", "data_prep.cli", "convert", "--source", "digits", "--output", str(paths.shards)],
+    )
 
-    timings["pretrain"] = run_stage(f"pretrain at {PRETRAIN_RES} px", launcher(args.nproc, "pretrain.train") + [
-        str(CONFIGS / "pretrain" / "demo.yaml"), f"data.path={paths.shards}", f"run.dir={paths.pretrain}",
-        *args.pretrain])
+    timings["pretrain"] = run_stage(
+        f"pretrain at {PRETRAIN_RES} px",
+        launcher(args.nproc, "pretrain.train")
+        + [
+            str(CONFIGS / "pretrain" / "demo.yaml"),
+            f"data.path={paths.shards}",
+            f"run.dir={paths.pretrain}",
+            *args.pretrain,
+        ],
+    )
 
     timings["evaluate"] = 0.0
     for resolution in (PRETRAIN_RES, FINETUNE_RES):
-        timings["evaluate"] += run_stage(f"score the pretrained model at {resolution} px", [
-            python, "-m", "pretrain.evaluate", str(paths.pretrain), "--data", str(paths.shards),
-            "--split", "test", "--resolution", str(resolution), "--out", str(paths.evals)])
+        timings["evaluate"] += run_stage(
+            f"score the pretrained model at {resolution} px",
+            [
+                python,
+                "-m",
+                "pretrain.evaluate",
+                str(paths.pretrain),
+                "--data",
+                str(paths.shards),
+                "--split",
+                "test",
+                "--resolution",
+                str(resolution),
+                "--out",
+                str(paths.evals),
+            ],
+        )
 
-    timings["finetune"] = run_stage(f"fine-tune at {FINETUNE_RES} px", launcher(args.nproc, "pretrain.finetune") + [
-        str(CONFIGS / "finetune" / "demo.yaml"), f"init.weights={paths.pretrain}", f"data.path={paths.shards}",
-        f"run.dir={paths.finetune}", *args.finetune])
+    timings["finetune"] = run_stage(
+        f"fine-tune at {FINETUNE_RES} px",
+        launcher(args.nproc, "pretrain.finetune")
+        + [
+            str(CONFIGS / "finetune" / "demo.yaml"),
+            f"init.weights={paths.pretrain}",
+            f"data.path={paths.shards}",
+            f"run.dir={paths.finetune}",
+            *args.finetune,
+        ],
+    )
 
     if not args.no_report:
-        timings["inspect"] = run_stage("inspect the fine-tuned model", [
-            python, "-m", "pretrain.inspection.run", str(paths.finetune), "--out", str(paths.report)])
+        timings["inspect"] = run_stage(
+            "inspect the fine-tuned model",
+            [python, "-m", "pretrain.inspection.run", str(paths.finetune), "--out", str(paths.report)],
+        )
 
     finetuned = json.loads((paths.finetune / "results.json").read_text())["results"]["test"]["top1"]
-    rows = [("model", "test images at", "test top-1"),
-            ("pretrained", f"{PRETRAIN_RES} px", f"{test_top1(paths.evals, PRETRAIN_RES):.4f}"),
-            ("pretrained, pos-emb interpolated", f"{FINETUNE_RES} px", f"{test_top1(paths.evals, FINETUNE_RES):.4f}"),
-            ("fine-tuned", f"{FINETUNE_RES} px", f"{finetuned:.4f}")]
+    rows = [
+        ("model", "test images at", "test top-1"),
+        ("pretrained", f"{PRETRAIN_RES} px", f"{test_top1(paths.evals, PRETRAIN_RES):.4f}"),
+        ("pretrained, pos-emb interpolated", f"{FINETUNE_RES} px", f"{test_top1(paths.evals, FINETUNE_RES):.4f}"),
+        ("fine-tuned", f"{FINETUNE_RES} px", f"{finetuned:.4f}"),
+    ]
     print("\n" + summary_table(rows))
     print("\ntime: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    print(f"\nwrote:\n  shards        {paths.shards}  (vit-prep info {paths.shards})\n"
-          f"  pretraining   {paths.pretrain}  (config.yaml, metrics.jsonl, tb/, checkpoints/)\n"
-          f"  evaluations   {paths.evals}\n"
-          f"  fine-tuning   {paths.finetune}  (results.md)")
+    print(
+        f"\nwrote:\n  shards        {paths.shards}  (vit-prep info {paths.shards})\n"
+        f"  pretraining   {paths.pretrain}  (config.yaml, metrics.jsonl, tb/, checkpoints/)\n"
+        f"  evaluations   {paths.evals}\n"
+        f"  fine-tuning   {paths.finetune}  (results.md)"
+    )
     if not args.no_report:
         print(f"  figures       {paths.report / 'index.html'}")
     return 0

@@ -3,6 +3,7 @@
 Holds dataset.json, classes and the per-shard table in memory; the per-sample index is
 read lazily, one shard at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from sharding import format as fmt
-from vitscale_common.errors import UserError
 from sharding.index import EXCLUSION_SCHEMA, REJECTED_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, read_table
+from vitscale_common.errors import UserError
 
 
 @dataclass(frozen=True)
 class ShardInfo:
     split: str
     index: int
-    name: str          # e.g. train-000012
-    path: str          # absolute path of the tar
+    name: str  # e.g. train-000012
+    path: str  # absolute path of the tar
     num_samples: int
     num_bytes: int
     sha256: str
@@ -53,18 +54,26 @@ class ShardDataset:
         if self.info.get("format") != fmt.FORMAT_NAME:
             raise UserError(f"{info_path}: not a {fmt.FORMAT_NAME} dataset")
         if self.info.get("format_version") != fmt.FORMAT_VERSION:
-            raise UserError(f"{info_path}: format version {self.info.get('format_version')}, "
-                            f"this code reads {fmt.FORMAT_VERSION}")
+            raise UserError(
+                f"{info_path}: format version {self.info.get('format_version')}, this code reads {fmt.FORMAT_VERSION}"
+            )
         try:
             table = read_table(self.path / fmt.SHARD_TABLE, SHARD_SCHEMA)
         except (OSError, ValueError) as e:  # pyarrow's errors derive from these
             raise UserError(f"{self.path / fmt.SHARD_TABLE}: unreadable shard table: {e}") from None
         self._shards: dict[str, list[ShardInfo]] = {s: [] for s in self.splits}
         for row in table.to_pylist():
-            self._shards.setdefault(row["split"], []).append(ShardInfo(
-                split=row["split"], index=row["shard"], name=row["name"],
-                path=str(self.path / row["path"]), num_samples=row["num_samples"],
-                num_bytes=row["num_bytes"], sha256=row["sha256"]))
+            self._shards.setdefault(row["split"], []).append(
+                ShardInfo(
+                    split=row["split"],
+                    index=row["shard"],
+                    name=row["name"],
+                    path=str(self.path / row["path"]),
+                    num_samples=row["num_samples"],
+                    num_bytes=row["num_bytes"],
+                    sha256=row["sha256"],
+                )
+            )
         for shards in self._shards.values():
             shards.sort(key=lambda s: s.index)
 

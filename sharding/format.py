@@ -12,6 +12,7 @@ One folder holds a dataset:
     exclusions/*.parquet          keys to leave out when reading (columns key, reason)
     _info.json, sizes.json        shard lengths for timm's and OpenCLIP's WebDataset readers
 """
+
 from __future__ import annotations
 
 import re

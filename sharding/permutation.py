@@ -7,6 +7,7 @@ that into a permutation of [0, n). Any task evaluates only the positions it owns
 memory proportional to its own share. Pure uint64 arithmetic, so the result is the same
 on every machine.
 """
+
 from __future__ import annotations
 
 import numpy as np

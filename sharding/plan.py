@@ -21,6 +21,7 @@ the partitions tile exactly the first `steps * global_batch` samples of the epoc
 sequence; the last `N % global_batch` samples (< one global batch, the tail of that epoch's
 shard order, so a different tail every epoch) are not read in that epoch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,7 @@ class StreamLayout:
         if self.global_batch < 1 or self.width < 1 or self.cycle < 1:
             raise PlanError(f"stream layout needs positive sizes, got {self}")
         if self.global_batch % self.width:
-            raise PlanError(
-                f"global batch {self.global_batch} is not a multiple of data.stream_width={self.width}"
-            )
+            raise PlanError(f"global batch {self.global_batch} is not a multiple of data.stream_width={self.width}")
 
     @property
     def partitions(self) -> int:

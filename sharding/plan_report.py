@@ -6,14 +6,15 @@ Reads only the dataset's per-shard table (sample and byte counts), plans one epo
 the loader will, and prints steps, remainder, partition size, readers per shard and the
 sequential share of bytes for a few sampled ranks.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from vitscale_common.errors import UserError, cli_entry
 from sharding.plan import EpochPlan, StreamLayout, audit_reads, default_width
+from vitscale_common.errors import UserError, cli_entry
 
 
 def report(dataset_path: str, split: str, global_batch: int, world_size: int, workers: int, width: int, cycle: int,

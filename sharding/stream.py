@@ -15,6 +15,7 @@ interrupted. Every replacement is counted by reason and logged with shard and ke
 This module decodes nothing itself: the caller passes `decode(sample, key) -> item`, where
 `key` seeds any randomness (augmentation), and any exception it raises counts as a bad sample.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,10 +28,10 @@ from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from vitscale_common.atomic import atomic_open
-from vitscale_common.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, iter_epoch_steps, partition_order
 from sharding.tar_reader import ShardDamage, ShardSample, TruncatedShard, iter_samples, skip_samples
+from vitscale_common.atomic import atomic_open
+from vitscale_common.errors import UserError
 
 log = logging.getLogger(__name__)
 

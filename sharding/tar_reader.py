@@ -6,6 +6,7 @@ reader that owns the second half of a shard seeks straight to it. A shard cut sh
 `TruncatedShard` after the samples read before the cut; the one the cut falls in is lost
 unless the cut came between its members (then it lacks a member, caught when decoded).
 """
+
 from __future__ import annotations
 
 from typing import BinaryIO, Iterator, NamedTuple

@@ -6,6 +6,7 @@ image's sha256 matches and (optionally) it decodes as RGB at the indexed size; l
 agree. Per dataset: counts in dataset.json, the shard table, the index and
 rejected.parquet reconcile (inputs = samples + rejected), and every excluded key exists.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,9 +74,11 @@ def verify_shard(ds: ShardDataset, shard: ShardInfo, decode: bool = True) -> lis
     label_ext = fmt.LABELS_EXT if ds.label_kind == fmt.LABEL_MULTI else fmt.CLASS_EXT
     expected = []
     for row in index:
-        for ext, off, size in ((fmt.IMAGE_EXT, row["jpg_offset"], row["jpg_size"]),
-                               (label_ext, row["label_offset"], row["label_size"]),
-                               (fmt.META_EXT, row["json_offset"], row["json_size"])):
+        for ext, off, size in (
+            (fmt.IMAGE_EXT, row["jpg_offset"], row["jpg_size"]),
+            (label_ext, row["label_offset"], row["label_size"]),
+            (fmt.META_EXT, row["json_offset"], row["json_size"]),
+        ):
             expected.append((f"{row['key']}.{ext}", off, size))
     try:
         with tarfile.open(path, "r:") as tar:
@@ -83,8 +86,10 @@ def verify_shard(ds: ShardDataset, shard: ShardInfo, decode: bool = True) -> lis
             got = [(m.name, m.offset_data, m.size) for m in members]
             if got != expected:
                 first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-                problems.append(f"{shard.name}: tar members disagree with the index from member {first} "
-                                f"({len(got)} members, {len(expected)} expected)")
+                problems.append(
+                    f"{shard.name}: tar members disagree with the index from member {first} "
+                    f"({len(got)} members, {len(expected)} expected)"
+                )
                 return problems
             for i, row in enumerate(index):
                 image = tar.extractfile(members[3 * i]).read()
@@ -114,8 +119,9 @@ def _verify_one(path: str, split: str, name: str, decode: bool) -> tuple[list[st
     return verify_shard(ds, shard, decode), keys
 
 
-def verify_dataset(path: str | Path, decode: bool = True, workers: int = 1,
-                   progress: Callable[[ShardInfo], None] = lambda s: None) -> VerifyReport:
+def verify_dataset(
+    path: str | Path, decode: bool = True, workers: int = 1, progress: Callable[[ShardInfo], None] = lambda s: None
+) -> VerifyReport:
     ds = ShardDataset(path)
     report = VerifyReport()
     keys: set[str] = set()
@@ -125,10 +131,14 @@ def verify_dataset(path: str | Path, decode: bool = True, workers: int = 1,
         in_split = ds.shards(split)
         shards += in_split
         if len(in_split) != split_info["num_shards"]:
-            report.problems.append(f"{split}: {len(in_split)} shards in the table, dataset.json says {split_info['num_shards']}")
+            report.problems.append(
+                f"{split}: {len(in_split)} shards in the table, dataset.json says {split_info['num_shards']}"
+            )
         if sum(s.num_samples for s in in_split) != split_info["num_samples"]:
-            report.problems.append(f"{split}: shard table sums to {sum(s.num_samples for s in in_split)} samples, "
-                                   f"dataset.json says {split_info['num_samples']}")
+            report.problems.append(
+                f"{split}: shard table sums to {sum(s.num_samples for s in in_split)} samples, "
+                f"dataset.json says {split_info['num_samples']}"
+            )
         if split_info["num_samples"] + split_info["num_rejected"] != split_info["num_inputs"]:
             report.problems.append(f"{split}: samples + rejected != inputs in dataset.json")
     jobs = [(str(ds.path), s.split, s.name, decode) for s in shards]

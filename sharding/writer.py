@@ -5,6 +5,7 @@ mtime, owner and mode, and the archive uses plain USTAR headers (no pax records 
 times). The shard appears under its final name only when complete (vitscale_common.atomic), so
 a reader, or a rerun after a crash, never sees half a shard.
 """
+
 from __future__ import annotations
 
 import hashlib

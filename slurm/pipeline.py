@@ -9,6 +9,7 @@
 Stage config paths are relative to the pipeline file; `${vars.X}` ties the stages' paths
 together (the data one stage writes is the data the next reads).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

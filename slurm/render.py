@@ -3,6 +3,7 @@
 Every stage runs through the same script: the resources come from the `slurm` config
 section, and the stage contributes only its command line (and, for convert, the array).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,7 +103,7 @@ def parse_sbatch_options(script: str) -> dict[str, str]:
             if line.strip() and not line.startswith("#"):
                 break  # sbatch stops reading options at the first command
             continue
-        for opt in shlex.split(line[len("#SBATCH"):]):
+        for opt in shlex.split(line[len("#SBATCH") :]):
             key, _, value = opt.lstrip("-").partition("=")
             options[key] = value
     return options

@@ -1,4 +1,5 @@
 """`vit-submit status RUN_DIR`: the run's SLURM jobs and how far the run itself got."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,10 @@ def status_lines(run_dir: Path) -> list[str]:
             lines.append(f"{rec['job_id']:>10}  {rec['name']:<20} (no longer known to slurmctld)  restarts={restarts}")
         for job in known:
             f = {k: job.get(k, "?") for k in _FIELDS}
-            lines.append(f"{f['JobId']:>10}  {f['JobName']:<20} {f['JobState']:<11} reason={f['Reason']} "
-                         f"time={f['RunTime']} restarts={f['Restarts']} exit={f['ExitCode']} nodes={f['NodeList']}")
+            lines.append(
+                f"{f['JobId']:>10}  {f['JobName']:<20} {f['JobState']:<11} reason={f['Reason']} "
+                f"time={f['RunTime']} restarts={f['Restarts']} exit={f['ExitCode']} nodes={f['NodeList']}"
+            )
     progress = run_progress(run_dir)
     lines.append("run: " + (", ".join(f"{k}={v}" for k, v in progress.items()) or "no step logged yet"))
     return lines

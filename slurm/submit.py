@@ -9,6 +9,7 @@ The stage's config (with its `_base_` files and the overrides merged) is frozen 
 job's log folder and the job runs that file, so a requeued job restarts exactly the same
 command; the training stages resume from their run directory by themselves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,13 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from slurm.pipeline import load_pipeline
+from slurm.render import JobSpec, render
+from slurm.status import JOBS_FILE, status_lines
 from vitscale_common.atomic import atomic_write_text
 from vitscale_common.config_loader import ConfigError, parse_overrides, read_yaml
 from vitscale_common.errors import UserError, cli_entry
 from vitscale_common.slurm_config import SlurmConfig
-from slurm.pipeline import load_pipeline
-from slurm.render import JobSpec, render
-from slurm.status import JOBS_FILE, status_lines
 
 # The module each stage runs (`python -m MODULE CONFIG`), and the config key naming the
 # folder the stage writes (its job logs go next to or into it, see default_log_dir).
@@ -115,11 +116,17 @@ def build_stage(stage: str, configs: Sequence[str | Path], overrides: Sequence[s
     if stage == "prep":
         # Convert as an array (task i converts slice i of the plan), then one merge job.
         # (vit-prep reads its slice from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.)
-        convert = JobSpec("prep", f"{name}-convert", [*py, "convert", "--config", str(frozen)],
-                          s, log_dir, str(config), array=s.array_tasks)
+        convert = JobSpec(
+            "prep",
+            f"{name}-convert",
+            [*py, "convert", "--config", str(frozen)],
+            s,
+            log_dir,
+            str(config),
+            array=s.array_tasks,
+        )
         merge_slurm = dataclasses.replace(s, nodes=1, gpus_per_node=0)
-        merge = JobSpec("merge", f"{name}-merge", [*py, "merge", str(out)],
-                        merge_slurm, log_dir, str(config))
+        merge = JobSpec("merge", f"{name}-merge", [*py, "merge", str(out)], merge_slurm, log_dir, str(config))
         jobs = [convert, merge]
     else:
         jobs = [JobSpec(stage, name, [*py, str(frozen)], s, log_dir, str(config))]
@@ -154,8 +161,13 @@ def submit_stage(stage: StageJobs, frozen_config: str, dependency: str | None, d
         script = stage.log_dir / f"{job.name}-{stamp}.sbatch"
         atomic_write_text(script, render(job))
         dependency = sbatch(script, dependency)
-        record = {"job_id": dependency, "name": job.name, "stage": job.stage, "script": str(script),
-                  "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        record = {
+            "job_id": dependency,
+            "name": job.name,
+            "stage": job.stage,
+            "script": str(script),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         with open(stage.log_dir / JOBS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"submitted {job.name}: job {dependency}  (logs: {stage.log_dir})")
@@ -169,11 +181,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in (*STAGE_MODULES, "pipeline"):
         sp = sub.add_parser(name, help=f"submit the {name} {'chain' if name == 'pipeline' else 'stage'}")
         if name == "pipeline":
-            sp.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                            help="the pipeline config naming the stage configs, then overrides (vars.NAME=...)")
+            sp.add_argument(
+                "items",
+                nargs="+",
+                metavar="CONFIG|key=value",
+                help="the pipeline config naming the stage configs, then overrides (vars.NAME=...)",
+            )
         else:
-            sp.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                            help="YAML configs (merged in order), then key=value overrides")
+            sp.add_argument(
+                "items",
+                nargs="+",
+                metavar="CONFIG|key=value",
+                help="YAML configs (merged in order), then key=value overrides",
+            )
         sp.add_argument("--nodes", type=int, help="slurm.nodes (training stages)")
         sp.add_argument("--gpus-per-node", type=int, help="slurm.gpus_per_node (training stages)")
         sp.add_argument("--partition", help="slurm.partition")
@@ -201,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         stages = [(args.command, configs, overrides)]
     # Render every stage before submitting any, so a bad config in the chain submits nothing.
-    built = [build_stage(stage, files, [*more, *flag_overrides(args, stage != "prep")])
-             for stage, files, more in stages]
+    built = [
+        build_stage(stage, files, [*more, *flag_overrides(args, stage != "prep")]) for stage, files, more in stages
+    ]
     dependency = args.dependency
     for jobs, frozen in built:
         dependency = submit_stage(jobs, frozen, dependency, args.dry_run)

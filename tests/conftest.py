@@ -1,4 +1,5 @@
 """Fixtures shared by every tier."""
+
 import json
 import os
 import socket
@@ -15,8 +16,13 @@ BIN = Path(sys.executable).parent
 def digits_shards(tmp_path_factory) -> Path:
     """The embedded digits set converted by the real `vit-prep`, once per test session."""
     out = tmp_path_factory.mktemp("digits") / "shards"
-    p = subprocess.run([str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [str(BIN / "vit-prep"), "convert", "--source", "digits", "--output", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -25,6 +31,7 @@ def digits_shards(tmp_path_factory) -> Path:
 def torchrun_ranks():
     """Runs a rank script under the real torchrun on local ranks; checks that it succeeded and
     returns what each rank reported (tests/multiproc/rank_report.py), in rank order."""
+
     def run(script: Path, nproc: int = 2, timeout: int = 300) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -38,8 +45,9 @@ def torchrun_ranks():
         reports = {}
         for line in p.stdout.splitlines():
             if line.startswith("RANK"):
-                rank, result = line[len("RANK"):].split(" ", 1)
+                rank, result = line[len("RANK") :].split(" ", 1)
                 reports[int(rank)] = json.loads(result)
         assert sorted(reports) == list(range(nproc)), p.stdout[-4000:]
         return [reports[r] for r in range(nproc)]
+
     return run

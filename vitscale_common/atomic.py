@@ -4,6 +4,7 @@ Every stage writes files that another process may read while it runs (shards, in
 checkpoint manifests, the `latest` pointer). All of them go through here: write to a
 temporary name in the same folder, fsync, rename over the final name, fsync the folder.
 """
+
 from __future__ import annotations
 
 import contextlib

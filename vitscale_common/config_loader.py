@@ -9,6 +9,7 @@ missing required values raise `ConfigError` with one line naming the key and fil
 This lives in `sharding`, the package every stage already depends on, so that data
 preparation and SLURM submission can load configs without importing training code.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """User-facing errors: one clear line naming the file, key or field, never a traceback wall."""
+
 from __future__ import annotations
 
 import functools

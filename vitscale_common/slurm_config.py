@@ -4,6 +4,7 @@ Every stage config (prep, pretrain, finetune) carries this section so that
 `vit-submit STAGE CONFIG` knows how to run it; the training code itself never reads it
 (it learns its place in the job from SLURM's environment, see pretrain/runtime/distributed.py).
 """
+
 from __future__ import annotations
 
 import re
@@ -63,14 +64,15 @@ class SlurmConfig:
         if self.container_runtime not in CONTAINER_RUNTIMES:
             raise ConfigError(
                 f"{where}.container_runtime: must be one of {', '.join(CONTAINER_RUNTIMES)}, "
-                f"got {self.container_runtime!r}")
+                f"got {self.container_runtime!r}"
+            )
         if self.container_runtime != "none" and not self.container_image:
-            raise ConfigError(f"{where}.container_image: required with container_runtime="
-                              f"{self.container_runtime}")
+            raise ConfigError(f"{where}.container_image: required with container_runtime={self.container_runtime}")
         if not _TIME.match(self.time):
             raise ConfigError(
-                f"{where}.time: {self.time!r} is not a limit like \"24:00:00\" or \"2-00:00:00\" "
-                "(quote it in YAML and overrides: unquoted, 24:00:00 reads as the number 86400)")
+                f'{where}.time: {self.time!r} is not a limit like "24:00:00" or "2-00:00:00" '
+                "(quote it in YAML and overrides: unquoted, 24:00:00 reads as the number 86400)"
+            )
         if self.signal_seconds < 0 or self.max_requeues < 0:
             raise ConfigError(f"{where}.signal_seconds and max_requeues must be >= 0")
         for line in self.extra_sbatch:

@@ -1,4 +1,5 @@
 """Image collection readers; see data_prep/sources/base.py for the interface."""
+
 from __future__ import annotations
 
 import importlib

@@ -19,6 +19,7 @@ A source does two things, and nothing else:
 Sources register themselves with `@register_source("name")`; every module in
 `data_prep/sources/` is imported on first use, so adding a source is adding a file.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -80,6 +81,7 @@ def require_input(cfg: SourceConfig, what: str):
     from pathlib import Path
 
     from vitscale_common.errors import UserError
+
     if not cfg.input:
         raise UserError(f"--input is required for --source {cfg.kind} ({what})")
     path = Path(cfg.input)
@@ -105,5 +107,13 @@ def read_file_bytes(path) -> bytes:
         raise Rejected(UNREADABLE, e.strerror or type(e).__name__) from None
 
 
-__all__ = ["Source", "SourceConfig", "Listing", "Rejected", "UNREADABLE", "UNSAFE_NAME",
-           "require_input", "read_file_bytes"]
+__all__ = [
+    "Source",
+    "SourceConfig",
+    "Listing",
+    "Rejected",
+    "UNREADABLE",
+    "UNSAFE_NAME",
+    "require_input",
+    "read_file_bytes",
+]

@@ -6,6 +6,7 @@ it is read through an unpickler that accepts only plain containers and numpy arr
 a tampered archive cannot run code. Each record becomes a lossless 32x32 PNG that the
 image policy then encodes. Splits (train/test) come from the archive.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Plain containers and numpy arrays only: any other global is refused."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),  # how Python 3 protocol-2 pickles spell bytes
     }
@@ -158,11 +162,16 @@ class CifarSource(Source):
                 records.extend(range(len(y)))
         num_classes = max(labels) + 1
         names = self._class_names(variant, layout, num_classes)
-        table = pa.table({
-            "source_id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.int32()),
-            "split": pa.array(splits, pa.string()), "file": pa.array(files, pa.string()),
-            "record": pa.array(records, pa.int32()), "layout": pa.array([layout] * len(ids), pa.string()),
-        })
+        table = pa.table(
+            {
+                "source_id": pa.array(ids, pa.string()),
+                "label": pa.array(labels, pa.int32()),
+                "split": pa.array(splits, pa.string()),
+                "file": pa.array(files, pa.string()),
+                "record": pa.array(records, pa.int32()),
+                "layout": pa.array([layout] * len(ids), pa.string()),
+            }
+        )
         return Listing(table, [(n, n) for n in names], "single")
 
     def read(self, item: dict) -> bytes:

@@ -3,6 +3,7 @@
 No download: the images ship inside scikit-learn. Upsampled so the ViT demo can use
 patch size 4 or 8 on a 32x32 input, like CIFAR.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,11 +43,13 @@ class DigitsSource(Source):
     def list_items(self) -> Listing:
         _, target = _digits()
         n = len(target)
-        items = pa.table({
-            "source_id": pa.array([f"digits/{i:04d}" for i in range(n)], pa.string()),
-            "label": pa.array(target, pa.int32()),
-            "row": pa.array(np.arange(n), pa.int32()),
-        })
+        items = pa.table(
+            {
+                "source_id": pa.array([f"digits/{i:04d}" for i in range(n)], pa.string()),
+                "label": pa.array(target, pa.int32()),
+                "row": pa.array(np.arange(n), pa.int32()),
+            }
+        )
         return Listing(items, [(str(c), str(c)) for c in range(10)], "single")
 
     def read(self, item: dict) -> bytes:

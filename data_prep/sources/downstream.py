@@ -5,6 +5,7 @@ and one `Item` per image with its split and 0-based label. Reading the listing t
 the small metadata files (lists, .mat tables), never the images, so it is instant even for
 ImageNet; converting the images is the convert job's work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,11 +50,13 @@ def to_convert_listing(listing: Listing):
     from data_prep.sources.base import Listing as ConvertListing
 
     items = sorted(listing.items, key=lambda it: it.source_id)
-    table = pa.table({
-        "source_id": pa.array([it.source_id for it in items], pa.string()),
-        "label": pa.array([it.label for it in items], pa.int32()),
-        "split": pa.array([it.split for it in items], pa.string()),
-    })
+    table = pa.table(
+        {
+            "source_id": pa.array([it.source_id for it in items], pa.string()),
+            "label": pa.array([it.label for it in items], pa.int32()),
+            "split": pa.array([it.split for it in items], pa.string()),
+        }
+    )
     return ConvertListing(table, [(c.class_id, c.name) for c in listing.classes], "single")
 
 

@@ -6,6 +6,7 @@
 
 Splits: train (1,020), val (1,020), test (6,149), as released.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
-from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat
+from data_prep.sources.downstream import ClassEntry, Item, Listing, ReleaseSource, load_mat
 from vitscale_common.errors import UserError
 
 SPLIT_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}

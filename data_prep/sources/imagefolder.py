@@ -4,6 +4,7 @@ Every entry whose name has an image extension is listed, even when it turns out 
 directory, a broken link or not an image: those become rejections with a reason rather
 than silently missing inputs. Symlinked folders are not followed (no cycles).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,14 @@ class ImageFolderSource(Source):
         top = sorted(p.name for p in root.iterdir() if p.is_dir())
         split_layout = bool(top) and set(top) <= SPLIT_FOLDERS
         split_roots = [(s, root / s) for s in top] if split_layout else [(None, root)]
-        classes = sorted({c.name for _, r in split_roots for c in r.iterdir() if c.is_dir()
-                          and Path(c.name).suffix.lower() not in IMAGE_EXTENSIONS})
+        classes = sorted(
+            {
+                c.name
+                for _, r in split_roots
+                for c in r.iterdir()
+                if c.is_dir() and Path(c.name).suffix.lower() not in IMAGE_EXTENSIONS
+            }
+        )
         if not classes:
             raise UserError(f"--input {root}: no class sub-folders found")
         class_index = {c: i for i, c in enumerate(classes)}

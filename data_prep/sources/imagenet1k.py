@@ -13,6 +13,7 @@ meta.mat's own order, which is *not* sorted by WordNet id, so a ground-truth id 
 into a WordNet id through meta.mat and only then into a label; every val synset must be one
 of the train folders.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,7 +23,7 @@ import numpy as np
 
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
-from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, load_mat, require
+from data_prep.sources.downstream import ClassEntry, Item, Listing, ReleaseSource, load_mat, require
 from vitscale_common.errors import UserError
 
 DEVKIT = "ILSVRC2012_devkit_t12"

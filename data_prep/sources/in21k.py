@@ -7,6 +7,7 @@ of the per-synset tars (the outer tar already unpacked). Synset ids become class
 `--words` (`synset<TAB>name` lines, as in ImageNet's words.txt) fills in their names.
 Member names that are absolute or contain `..` are listed and rejected, never used.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -43,8 +44,10 @@ class _Rows:
         self.source_id, self.synset, self.file, self.offset, self.size, self.problem = [], [], [], [], [], []
 
     def add(self, source_id, synset, file, offset, size, problem=""):
-        for col, v in zip((self.source_id, self.synset, self.file, self.offset, self.size, self.problem),
-                          (source_id, synset, file, offset, size, problem)):
+        for col, v in zip(
+            (self.source_id, self.synset, self.file, self.offset, self.size, self.problem),
+            (source_id, synset, file, offset, size, problem),
+        ):
             col.append(v)
 
 
@@ -103,14 +106,16 @@ class ImageNet21kSource(Source):
             raise UserError(f"--input {root}: no per-synset tars found")
         words = _read_words(self.cfg.words)
         class_index = {s: i for i, s in enumerate(synsets)}
-        table = pa.table({
-            "source_id": pa.array(rows.source_id, pa.string()),
-            "label": pa.array([class_index.get(s, -1) for s in rows.synset], pa.int32()),
-            "file": pa.array(rows.file, pa.string()),
-            "offset": pa.array(rows.offset, pa.int64()),
-            "size": pa.array(rows.size, pa.int64()),
-            "problem": pa.array(rows.problem, pa.string()),
-        })
+        table = pa.table(
+            {
+                "source_id": pa.array(rows.source_id, pa.string()),
+                "label": pa.array([class_index.get(s, -1) for s in rows.synset], pa.int32()),
+                "file": pa.array(rows.file, pa.string()),
+                "offset": pa.array(rows.offset, pa.int64()),
+                "size": pa.array(rows.size, pa.int64()),
+                "problem": pa.array(rows.problem, pa.string()),
+            }
+        )
         table = table.sort_by([("source_id", "ascending")])
         return Listing(table, [(s, words.get(s, s)) for s in synsets], "single")
 

@@ -9,13 +9,14 @@ CLASS-ID is 1-based (1..37); our labels are 0-based. The class name is the image
 without its trailing number (`american_pit_bull_terrier_12` -> american_pit_bull_terrier).
 Splits: train = trainval.txt, test = test.txt (the paper's protocol).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from data_prep.sources import register_source
 from data_prep.sources.base import Source
-from data_prep.sources.downstream import ReleaseSource, ClassEntry, Item, Listing, require
+from data_prep.sources.downstream import ClassEntry, Item, Listing, ReleaseSource, require
 from vitscale_common.errors import UserError
 
 SPLIT_FILES = {"train": "trainval.txt", "test": "test.txt"}

@@ -7,6 +7,7 @@ of labels (a list column, or in CSV a string split on ',', '|' or spaces); optio
 list comes from `--class-list` (one name per line, in index order) or is the sorted set
 of names found (or 0..max for indices). Rows keep the table's order.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,12 +28,15 @@ def read_any_table(path: Path) -> pa.Table:
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
+
             return pq.read_table(path)
         if suffix == ".csv":
             import pyarrow.csv as pcsv
+
             return pcsv.read_csv(path)
         if suffix in (".jsonl", ".json", ".ndjson"):
             import pyarrow.json as pjson
+
             return pjson.read_json(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"--input {path}: cannot read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
@@ -57,8 +61,9 @@ def _as_label_lists(values: list) -> list[list]:
 class TableSource(Source):
     def _column(self, table: pa.Table, name: str, flag: str) -> list:
         if name not in table.column_names:
-            raise UserError(f"--input {self.cfg.input}: no column {name!r} ({flag}); "
-                            f"columns are {', '.join(table.column_names)}")
+            raise UserError(
+                f"--input {self.cfg.input}: no column {name!r} ({flag}); columns are {', '.join(table.column_names)}"
+            )
         return table.column(name).to_pylist()
 
     def _classes(self, names: set) -> list[str]:

@@ -16,6 +16,7 @@ Stage 0 keeps the whole optimizer in one file, which loads as it is. Weights the
 from a same-size run in the last bits (the gradient averaging changes), but the data
 position, step, schedule and optimizer moments carry over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -242,7 +243,9 @@ class Checkpointer:
     def load(self, engine, folder: Path, *, universal: bool, same_world: bool) -> dict[str, Any]:
         """Restore engine (weights, optimizer, schedule) and, at the same world size, RNG."""
         load_dir, tag = (folder, UNIVERSAL_DIR) if universal else (self.root, folder.name)
-        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise UserError(f"{folder}: DeepSpeed could not load this checkpoint")
         state = self.read_state(folder)
@@ -291,5 +294,3 @@ def file_digest(path: Path) -> str:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-

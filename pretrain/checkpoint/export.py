@@ -8,6 +8,7 @@ full-precision weights). Writes FILE (default RUN_DIR/export/model.safetensors) 
 model config in its metadata and next to it as FILE.json. Keys are ours (timm's layout;
 `pretrain.model.weight_formats.to_timm` converts what differs), loadable by the fine-tune stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,12 +60,15 @@ def consolidated_state_dict(folder: Path, *, ema: bool = False) -> dict[str, tor
 
 def _optimizer_files(folder: Path) -> list[Path]:
     """The ranks' ZeRO optimizer files, in rank order (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`)."""
+
     def rank_of(path: Path) -> int:
         return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
 
     files = sorted(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
     if [rank_of(f) for f in files] != list(range(len(files))):
-        raise UserError(f"{folder}: optimizer files of ranks {[rank_of(f) for f in files]}, expected 0..{len(files) - 1}")
+        raise UserError(
+            f"{folder}: optimizer files of ranks {[rank_of(f) for f in files]}, expected 0..{len(files) - 1}"
+        )
     return files
 
 
@@ -91,7 +95,7 @@ def _bf16_optimizer_weights(folder: Path, optimizer_files: list[Path]) -> dict[s
         flat = torch.cat([state["single_partition_of_fp32_groups"][group] for state in states])
         offset = 0
         for name, shape in group_shapes.items():
-            weights[name] = flat[offset:offset + shape.numel()].view(shape).float().clone()
+            weights[name] = flat[offset : offset + shape.numel()].view(shape).float().clone()
             offset += shape.numel()
         if flat.numel() - offset != states[-1]["group_paddings"][group]:
             raise UserError(f"{folder}: parameter group {group} holds {flat.numel()} values, its parameters {offset}")
@@ -138,7 +142,9 @@ def main(argv=None) -> int:
     out = export(args.run_dir, args.out, step=args.step, ema=args.ema)
     weights, cfg = load_export(out)
     n = sum(t.numel() for t in weights.values())
-    print(f"exported {len(weights)} tensors ({n:,} parameters, model {cfg.get('name')}) to {out} (+ {out.with_suffix('.json').name})")
+    print(
+        f"exported {len(weights)} tensors ({n:,} parameters, model {cfg.get('name')}) to {out} (+ {out.with_suffix('.json').name})"
+    )
     return 0
 
 

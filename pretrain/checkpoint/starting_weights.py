@@ -15,6 +15,7 @@ embeddings to the target's patch grid. It returns a report of everything it chan
 the fine-tune log states the source, the resolution and grid change and which keys were
 re-initialised.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,8 +135,10 @@ def read_source(path: str | Path) -> Source:
         return Source(path, "npz", weights.load_npz(path))
     if path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES:
         return Source(path, "timm", weights.from_timm(_read_tensor_file(path)))
-    raise UserError(f"{path}: unknown weights format (expected a run or export directory, "
-                    f".safetensors, {'/'.join(TORCH_SUFFIXES)} or .npz)")
+    raise UserError(
+        f"{path}: unknown weights format (expected a run or export directory, "
+        f".safetensors, {'/'.join(TORCH_SUFFIXES)} or .npz)"
+    )
 
 
 @dataclass
@@ -178,11 +181,14 @@ def _grid_of(rows: int, cfg: ViTConfig) -> tuple[int, int] | None:
     """The patch grid of a pos-emb with `rows` rows (with or without a class-token row)."""
     from pretrain.model.weight_formats import infer_grid_or_none
 
-    return infer_grid_or_none(rows) or (infer_grid_or_none(rows - cfg.num_prefix_tokens) if cfg.num_prefix_tokens else None)
+    return infer_grid_or_none(rows) or (
+        infer_grid_or_none(rows - cfg.num_prefix_tokens) if cfg.num_prefix_tokens else None
+    )
 
 
-def fit_to_model(source: Source, model: nn.Module, *, reset_head: bool = True,
-                 posemb_method: str = "bicubic") -> InitReport:
+def fit_to_model(
+    source: Source, model: nn.Module, *, reset_head: bool = True, posemb_method: str = "bicubic"
+) -> InitReport:
     """Load `source` into `model` (built for the target task and resolution), in place.
 
     The head is taken from the source only when `reset_head` is False (then its shape must
@@ -205,14 +211,29 @@ def fit_to_model(source: Source, model: nn.Module, *, reset_head: bool = True,
     if "pos_embed" in state:
         grid_src = source.model.grid_size if source.model else _grid_of(state["pos_embed"].shape[1], cfg)
     with _gathered(model):
-        load_weights(model, state, posemb_method=posemb_method, skip_prefixes=HEAD_PREFIXES if reset_head else (),
-                     source=str(source.path))
-    res_src = source.model.img_hw if source.model else (
-        None if grid_src is None else (grid_src[0] * cfg.patch_size, grid_src[1] * cfg.patch_size))
+        load_weights(
+            model,
+            state,
+            posemb_method=posemb_method,
+            skip_prefixes=HEAD_PREFIXES if reset_head else (),
+            source=str(source.path),
+        )
+    res_src = (
+        source.model.img_hw
+        if source.model
+        else (None if grid_src is None else (grid_src[0] * cfg.patch_size, grid_src[1] * cfg.patch_size))
+    )
     posemb = "kept" if grid_src in (None, grid_dst) else f"resampled ({posemb_method})"
     reinit = [k for k in model.state_dict() if k not in state]
-    return InitReport(str(source.path), source.kind, (res_src, cfg.img_hw), (grid_src, grid_dst), posemb,
-                      _group(dropped), _group(reinit))
+    return InitReport(
+        str(source.path),
+        source.kind,
+        (res_src, cfg.img_hw),
+        (grid_src, grid_dst),
+        posemb,
+        _group(dropped),
+        _group(reinit),
+    )
 
 
 def _gathered(model: nn.Module):

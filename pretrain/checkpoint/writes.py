@@ -11,6 +11,7 @@ For a background save the stand-in keeps a host copy of each state instead. Trai
 on updating the originals in place, so they cannot be written later as they are. A
 `BackgroundWrite` thread then writes the copies while training continues.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -10,6 +10,7 @@ The order of samples is `sharding.stream`'s: a function of (seed, epoch, step) a
 `state_dict()` is just the position of the next batch the trainer will receive, and it does not
 change with the number of ranks or loader workers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import sharding
+from pretrain.data import transforms as T
 from sharding import format as fmt
-from vitscale_common.errors import UserError
 from sharding.plan import EpochPlan, StreamLayout, default_width
 from sharding.stream import RankStream, ShardIndex, ShardSource, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
-from pretrain.data import transforms as T
+from vitscale_common.errors import UserError
 
 log = logging.getLogger(__name__)
 _MIXUP_TAG = 0x313
@@ -82,8 +83,13 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
     base = cfg.shards_url.rstrip("/") if cfg.shards_url else None
     urls = [f"{base}/{fmt.shard_path(split, s.index)}" if base else s.path for s in shards]
     return SplitSource(
-        source=ShardSource(urls, cfg.cache_dir, index=ShardIndex(cfg.path, split, [s.name for s in shards]),
-                           verify=cfg.verify_samples, cache_max_bytes=int(cfg.cache_max_gb * 1e9)),
+        source=ShardSource(
+            urls,
+            cfg.cache_dir,
+            index=ShardIndex(cfg.path, split, [s.name for s in shards]),
+            verify=cfg.verify_samples,
+            cache_max_bytes=int(cfg.cache_max_gb * 1e9),
+        ),
         counts=[int(s.num_samples) for s in shards],
         num_classes=int(ds.num_classes),
         multi_label=ds.label_kind == "multi",
@@ -124,8 +130,9 @@ class SampleDecoder:
         if self.train:
             rng = np.random.default_rng(key)
             c = self.cfg
-            image = T.train_image(data, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip,
-                                  randaug=self.randaug)
+            image = T.train_image(
+                data, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip, randaug=self.randaug
+            )
         else:
             image = T.eval_image(data, self.img_size, self.cfg.eval_crop_fraction)
         return image, label

@@ -10,6 +10,7 @@ per sample slot; so an augmented sample is the same however the run was cut into
 JPEGs are decoded at reduced size (PIL `draft`, DCT scaling) whenever the crop still covers
 the output at full resolution, which is most of the time for large source images.
 """
+
 from __future__ import annotations
 
 import io

@@ -8,6 +8,7 @@ The few-shot evaluation is the paper's (section 4.1, big_vision's `fewshot_lsr`)
 features, standardised, a constant bias feature appended, then closed-form L2-regularised
 least squares onto {-1, 1} one-hot targets, solved once per shot count in float64.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -187,8 +188,14 @@ def linear_probe(
     layer = torch.nn.Linear(x.shape[1], num_classes, dtype=torch.float64)
     torch.nn.init.zeros_(layer.weight)
     torch.nn.init.zeros_(layer.bias)
-    opt = torch.optim.LBFGS(layer.parameters(), max_iter=max_iter, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        layer.parameters(),
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()

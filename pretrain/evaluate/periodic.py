@@ -4,6 +4,7 @@ and the paper's few-shot linear evaluation on frozen representations.
 The metrics themselves live in `pretrain.evaluate.run`; this only decides what to run, on
 which splits, and builds the loaders. Every rank calls the returned function together.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,26 +27,43 @@ class EvalConfig:
     fewshot_l2_reg: float = 1024.0  # ridge regulariser of the least-squares fit (big_vision's default)
 
 
-def build_evaluator(cfg: EvalConfig, data_cfg, model: torch.nn.Module, *, img_size: int, num_classes: int,
-                    multi_label: bool, rank: int, world_size: int) -> Callable[[int], dict]:
+def build_evaluator(
+    cfg: EvalConfig,
+    data_cfg,
+    model: torch.nn.Module,
+    *,
+    img_size: int,
+    num_classes: int,
+    multi_label: bool,
+    rank: int,
+    world_size: int,
+) -> Callable[[int], dict]:
     from pretrain.data.loaders import build_eval_loader
 
     def loader(split: str):
-        return build_eval_loader(data_cfg, split, img_size=img_size, batch_size=cfg.batch_size, rank=rank,
-                                 world_size=world_size)
+        return build_eval_loader(
+            data_cfg, split, img_size=img_size, batch_size=cfg.batch_size, rank=rank, world_size=world_size
+        )
 
     test_split = cfg.split or data_cfg.eval_split
     pool_split = cfg.fewshot_train_split or data_cfg.train_split
     limit = cfg.max_batches or None
 
     def run(step: int) -> dict:
-        results = evaluate.evaluate_classification(model, loader(test_split), multi_label=multi_label,
-                                                   max_batches=limit, desc=f"eval {test_split}")
+        results = evaluate.evaluate_classification(
+            model, loader(test_split), multi_label=multi_label, max_batches=limit, desc=f"eval {test_split}"
+        )
         if cfg.fewshot_shots and not multi_label:
             results |= evaluate.fewshot_evaluate(
-                model, loader(pool_split), loader(test_split), num_classes, shots=cfg.fewshot_shots,
-                l2_reg=cfg.fewshot_l2_reg, max_train_batches=cfg.fewshot_train_batches or None,
-                max_test_batches=limit)
+                model,
+                loader(pool_split),
+                loader(test_split),
+                num_classes,
+                shots=cfg.fewshot_shots,
+                l2_reg=cfg.fewshot_l2_reg,
+                max_train_batches=cfg.fewshot_train_batches or None,
+                max_test_batches=limit,
+            )
         return {"split": test_split, **results}
 
     return run

@@ -10,6 +10,7 @@ counts), so a ZeRO-3 model, whose forward itself is collective, works too.
 The trainer calls `evaluate_classification` and `fewshot_evaluate` for its periodic
 evaluation; `vit-eval` (below) is the same on exported weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,9 @@ def _forward_batches(model, loader, max_batches, desc):
     try:
         batches = loader if max_batches is None else itertools.islice(loader, max_batches)
         total = max_batches if max_batches is not None else _safe_len(loader)
-        for images, targets, valid, *ids in tqdm(batches, desc=desc, total=total, disable=not _is_main(),
-                                                 unit="batch", leave=False):
+        for images, targets, valid, *ids in tqdm(
+            batches, desc=desc, total=total, disable=not _is_main(), unit="batch", leave=False
+        ):
             # no_grad per batch, never across the yield: a consumer that stops early would
             # otherwise leave gradients switched off for the whole process.
             with torch.no_grad():
@@ -121,8 +123,14 @@ def _safe_len(loader) -> int | None:
         return None
 
 
-def extract_features(model: torch.nn.Module, loader: Iterable, *, max_batches: int | None = None,
-                     with_logits: bool = True, desc: str = "features") -> Features:
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable,
+    *,
+    max_batches: int | None = None,
+    with_logits: bool = True,
+    desc: str = "features",
+) -> Features:
     """Representation, logits and targets of every valid sample, gathered on every rank.
 
     `with_logits=False` keeps only the representation (a 21k-class head's logits over a
@@ -223,21 +231,36 @@ def fewshot_evaluate(
     return fewshot_from_features(train, test, num_classes, shots=shots, l2_reg=l2_reg, seed=seed)
 
 
-def fewshot_from_features(train: Features, test: Features, num_classes: int, *,
-                          shots: Sequence[int] = metrics.DEFAULT_SHOTS,
-                          l2_reg: float = metrics.DEFAULT_L2_REG, seed: int = 0) -> dict[str, float]:
+def fewshot_from_features(
+    train: Features,
+    test: Features,
+    num_classes: int,
+    *,
+    shots: Sequence[int] = metrics.DEFAULT_SHOTS,
+    l2_reg: float = metrics.DEFAULT_L2_REG,
+    seed: int = 0,
+) -> dict[str, float]:
     _require_single_label(train, "few-shot")
-    acc = metrics.fewshot_accuracy(train.representation.numpy(), train.targets.numpy(),
-                                   test.representation.numpy(), test.targets.numpy(),
-                                   num_classes, shots=shots, l2_reg=l2_reg, seed=seed)
+    acc = metrics.fewshot_accuracy(
+        train.representation.numpy(),
+        train.targets.numpy(),
+        test.representation.numpy(),
+        test.targets.numpy(),
+        num_classes,
+        shots=shots,
+        l2_reg=l2_reg,
+        seed=seed,
+    )
     return {f"fewshot_{n}": a for n, a in acc.items()}
 
 
-def linear_probe_from_features(train: Features, test: Features, num_classes: int,
-                               weight_decay: float = 1e-4) -> dict[str, float]:
+def linear_probe_from_features(
+    train: Features, test: Features, num_classes: int, weight_decay: float = 1e-4
+) -> dict[str, float]:
     _require_single_label(train, "linear probe")
-    acc = metrics.linear_probe_accuracy(train.representation, train.targets, test.representation,
-                                        test.targets, num_classes, weight_decay=weight_decay)
+    acc = metrics.linear_probe_accuracy(
+        train.representation, train.targets, test.representation, test.targets, num_classes, weight_decay=weight_decay
+    )
     return {"linear_probe_top1": acc}
 
 
@@ -247,7 +270,9 @@ def _require_single_label(f: Features, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- scores from features
-def classification_from_features(f: Features, ks: Sequence[int] = (1, 5), multi_label: bool = False) -> dict[str, float]:
+def classification_from_features(
+    f: Features, ks: Sequence[int] = (1, 5), multi_label: bool = False
+) -> dict[str, float]:
     """Top-k (and mAP) from gathered logits: the same numbers `evaluate_classification` counts."""
     n = len(f)
     result: dict[str, float] = {"samples": n}
@@ -364,8 +389,11 @@ def _markdown(results: dict, header: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vit-eval", description="Score a ViT on a shard dataset: top-1/top-5, "
-                                "ImageNet ReaL, few-shot linear and linear-probe accuracy.")
+    p = argparse.ArgumentParser(
+        prog="vit-eval",
+        description="Score a ViT on a shard dataset: top-1/top-5, "
+        "ImageNet ReaL, few-shot linear and linear-probe accuracy.",
+    )
     p.add_argument("weights", type=Path, help="a run directory, its export/, a timm state dict or an .npz")
     p.add_argument("--data", type=Path, required=True, help="shard dataset written by vit-prep")
     p.add_argument("--split", default="test", help="split to score (default: test)")
@@ -393,9 +421,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     import sharding
-    from pretrain.runtime import distributed
-    from pretrain.data.loaders import build_eval_loader
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.data.loaders import build_eval_loader
+    from pretrain.runtime import distributed
 
     args = parse_args(argv)
 
@@ -423,19 +451,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_cfg = _data_config(source, args)
 
     def loader(split):
-        return _with_sample_ids(build_eval_loader(data_cfg, split, img_size=model.cfg.img_size,
-                                                  batch_size=args.batch_size, rank=env.rank,
-                                                  world_size=env.world_size))
+        return _with_sample_ids(
+            build_eval_loader(
+                data_cfg,
+                split,
+                img_size=model.cfg.img_size,
+                batch_size=args.batch_size,
+                rank=env.rank,
+                world_size=env.world_size,
+            )
+        )
 
     # -- evaluate
     multi = ds.label_kind == "multi"
     head_fits = model.cfg.num_classes == ds.num_classes
     if real is not None and not head_fits:
-        raise UserError(f"--real scores the head's predictions: it has {model.cfg.num_classes} outputs, "
-                        f"{args.data} has {ds.num_classes} classes")
+        raise UserError(
+            f"--real scores the head's predictions: it has {model.cfg.num_classes} outputs, "
+            f"{args.data} has {ds.num_classes} classes"
+        )
     if not head_fits and _is_main():
-        print(f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
-              "top-k left out (few-shot and probe use the representation)")
+        print(
+            f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
+            "top-k left out (few-shot and probe use the representation)"
+        )
     test = extract_features(model, loader(args.split), with_logits=head_fits, desc=f"eval {args.split}")
     _check_ids(test, labels, args.split)
     results: dict[str, float] = {"samples": len(test)}
@@ -444,11 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if real is not None:
         results |= real_from_features(test, real)
     if args.shots or args.linear_probe:
-        train = extract_features(model, loader(args.train_split), max_batches=args.train_batches or None,
-                                 with_logits=False, desc=f"features {args.train_split}")
+        train = extract_features(
+            model,
+            loader(args.train_split),
+            max_batches=args.train_batches or None,
+            with_logits=False,
+            desc=f"features {args.train_split}",
+        )
         if args.shots:
-            results |= fewshot_from_features(train, test, ds.num_classes, shots=args.shots,
-                                             l2_reg=args.fewshot_l2, seed=args.seed)
+            results |= fewshot_from_features(
+                train, test, ds.num_classes, shots=args.shots, l2_reg=args.fewshot_l2, seed=args.seed
+            )
         if args.linear_probe:
             results |= linear_probe_from_features(train, test, ds.num_classes)
 
@@ -456,9 +501,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _is_main():
         out = args.out or (args.weights if args.weights.is_dir() else args.weights.parent) / "eval"
         stem = f"{ds.name}-{args.split}-{model.cfg.img_size}px"
-        header = {"weights": str(args.weights), "data": str(args.data), "split": args.split,
-                  "model": model.cfg.name, "resolution": model.cfg.img_size, "ranks": env.world_size,
-                  "init": "; ".join(line.removeprefix("init: ") for line in init.lines())}
+        header = {
+            "weights": str(args.weights),
+            "data": str(args.data),
+            "split": args.split,
+            "model": model.cfg.name,
+            "resolution": model.cfg.img_size,
+            "ranks": env.world_size,
+            "init": "; ".join(line.removeprefix("init: ") for line in init.lines()),
+        }
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / f"{stem}.json", json.dumps({**header, "results": results}, indent=2) + "\n")
         atomic_write_text(out / f"{stem}.md", _markdown(results, header))

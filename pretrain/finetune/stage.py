@@ -10,6 +10,7 @@ DeepSpeed trainer as pretraining runs (ZeRO, checkpoints, exact resume, signals)
 end every held-out split is evaluated at the new resolution and `results.json` /
 `results.md` are written into the run directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain.train.config import PretrainConfig, RunConfig, load_pretrain_config
-from pretrain.zero.optimizer import OptimConfig
 from pretrain.model.posemb import METHODS as POSEMB_METHODS
+from pretrain.train.config import PretrainConfig, RunConfig, load_pretrain_config
 from pretrain.train.loop import TrainConfig
+from pretrain.zero.optimizer import OptimConfig
 from vitscale_common.atomic import atomic_write_text
 from vitscale_common.config_loader import ConfigError, to_yaml
 from vitscale_common.errors import cli_entry
@@ -34,15 +35,21 @@ INIT_JSON = "init.json"  # what the start did (source, resolution and grid chang
 
 @dataclass
 class InitConfig:
-    weights: Optional[str] = None  # run dir, its export/, timm .safetensors/.pth, or official .npz; null/empty = random init
+    weights: Optional[str] = (
+        None  # run dir, its export/, timm .safetensors/.pth, or official .npz; null/empty = random init
+    )
     reset_head: bool = True  # replace the pretraining head with a zero-initialised one for the target classes
     drop_representation: bool = True  # drop the pre-logits (Dense + tanh) layer, as the official fine-tuning does
-    posemb_method: str = "bicubic"  # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
+    posemb_method: str = (
+        "bicubic"  # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
+    )
     linear_probe: bool = False  # freeze everything but the head (quick transfer check)
 
     def validate(self, where: str = "init") -> None:
         if self.posemb_method not in POSEMB_METHODS:
-            raise ConfigError(f"{where}.posemb_method: must be one of {', '.join(POSEMB_METHODS)}, got {self.posemb_method!r}")
+            raise ConfigError(
+                f"{where}.posemb_method: must be one of {', '.join(POSEMB_METHODS)}, got {self.posemb_method!r}"
+            )
         if not self.reset_head and self.linear_probe:
             raise ConfigError(f"{where}.linear_probe: trains only a new head; it needs init.reset_head=true")
 
@@ -50,9 +57,14 @@ class InitConfig:
 def paper_recipe() -> TrainConfig:
     """The paper's fine-tuning (vision_transformer configs/common.py): SGD momentum 0.9, no
     weight decay, clip 1, cosine decay after 500 warm-up steps, batch 512, softmax loss."""
-    return TrainConfig(batch_size=512, clip_grad=1.0, loss="softmax",
-                       optim=OptimConfig(name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9,
-                                         schedule="cosine", warmup_steps=500, end_lr=0.0))
+    return TrainConfig(
+        batch_size=512,
+        clip_grad=1.0,
+        loss="softmax",
+        optim=OptimConfig(
+            name="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, schedule="cosine", warmup_steps=500, end_lr=0.0
+        ),
+    )
 
 
 @dataclass
@@ -68,8 +80,10 @@ def load_finetune_config(files, overrides=()) -> FinetuneConfig:
     if cfg.init.linear_probe and cfg.zero.stage < 2:
         # Below stage 2 DeepSpeed's checkpoints keep no fp32 copy of frozen weights, so the
         # backbone would be missing from consolidated exports.
-        raise ConfigError(f"init.linear_probe: needs zero.stage >= 2 (got {cfg.zero.stage}), "
-                          "so that checkpoints hold the frozen backbone")
+        raise ConfigError(
+            f"init.linear_probe: needs zero.stage >= 2 (got {cfg.zero.stage}), "
+            "so that checkpoints hold the frozen backbone"
+        )
     return cfg
 
 
@@ -82,8 +96,10 @@ def adopt_source_shape(cfg: FinetuneConfig, source) -> list[str]:
         notes.append(f"model.representation_size={representation} ({why})")
         cfg.model.representation_size = representation
     if not cfg.init.reset_head and source.num_classes != cfg.model.num_classes:
-        raise ConfigError(f"init.reset_head=false keeps the source head of {source.num_classes} classes, "
-                          f"but model.num_classes is {cfg.model.num_classes}")
+        raise ConfigError(
+            f"init.reset_head=false keeps the source head of {source.num_classes} classes, "
+            f"but model.num_classes is {cfg.model.num_classes}"
+        )
     return notes
 
 
@@ -130,16 +146,22 @@ def final_evaluation(cfg: FinetuneConfig, model: torch.nn.Module, rank: int, wor
     dataset = sharding.open_dataset(cfg.data.path)
     results = {}
     for split in held_out_splits(cfg, dataset.splits):
-        loader = build_eval_loader(cfg.data, split, img_size=cfg.model.img_size, batch_size=cfg.eval.batch_size,
-                                   rank=rank, world_size=world)
-        results[split] = evaluate_classification(model, loader, multi_label=dataset.label_kind == "multi",
-                                                 desc=f"final {split}")
+        loader = build_eval_loader(
+            cfg.data, split, img_size=cfg.model.img_size, batch_size=cfg.eval.batch_size, rank=rank, world_size=world
+        )
+        results[split] = evaluate_classification(
+            model, loader, multi_label=dataset.label_kind == "multi", desc=f"final {split}"
+        )
     return results
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# Fine-tuning results: {summary['model']} at {summary['img_size']} px", "",
-             f"Run `{summary['run_dir']}`, {summary['steps']} steps, weights: {summary['weights']}.", ""]
+    lines = [
+        f"# Fine-tuning results: {summary['model']} at {summary['img_size']} px",
+        "",
+        f"Run `{summary['run_dir']}`, {summary['steps']} steps, weights: {summary['weights']}.",
+        "",
+    ]
     metrics = sorted({k for r in summary["results"].values() for k in r if k != "samples"})
     lines.append("| split | samples | " + " | ".join(metrics) + " |")
     lines.append("|---|---:|" + "---:|" * len(metrics))
@@ -157,10 +179,10 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
-    from pretrain.runtime import distributed
     from pretrain.checkpoint.checkpointer import Checkpointer, scan
-    from pretrain.model.vit import build_model
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.model.vit import build_model
+    from pretrain.runtime import distributed
     from pretrain.train.run import run_training, say
 
     # ---------------------------------------------------------------- starting weights
@@ -210,9 +232,16 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
     results = final_evaluation(cfg, model, env.rank, env.world_size)
     if env.rank == 0:
         init = json.loads((run_dir / INIT_JSON).read_text()) if (run_dir / INIT_JSON).is_file() else None
-        summary = {"run_dir": cfg.run.dir, "model": cfg.model.name, "img_size": cfg.model.img_size,
-                   "steps": final_step(run_dir), "weights": cfg.init.weights or "random init",
-                   "ema_weights": ema, "init": init, "results": results}
+        summary = {
+            "run_dir": cfg.run.dir,
+            "model": cfg.model.name,
+            "img_size": cfg.model.img_size,
+            "steps": final_step(run_dir),
+            "weights": cfg.init.weights or "random init",
+            "ema_weights": ema,
+            "init": init,
+            "results": results,
+        }
         write_results(run_dir, summary)
         print(results_markdown(summary), file=sys.stderr)
     return 0
@@ -221,9 +250,12 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
 def parse_args(argv):
     from pretrain.train.run import parse_args as parse_training_args
 
-    return parse_training_args(argv, prog="vit-finetune", description=__doc__.split("\n\n")[0],
-                               example="vit-finetune configs/finetune/demo.yaml init.weights=runs/demo "
-                                       "data.path=shards run.dir=runs/demo_ft")
+    return parse_training_args(
+        argv,
+        prog="vit-finetune",
+        description=__doc__.split("\n\n")[0],
+        example="vit-finetune configs/finetune/demo.yaml init.weights=runs/demo data.path=shards run.dir=runs/demo_ft",
+    )
 
 
 @cli_entry

@@ -12,6 +12,7 @@ that module's own `qkv` projection. Training keeps the fast path untouched.
   from the output token back to the input patches through every layer, with the residual
   connection modelled by mixing in the identity.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ def iter_attention_maps(model: nn.Module, images: torch.Tensor) -> Iterator[torc
     (at ViT-H/14 and 518 px all of them at once would take tens of GB). Float32, on the CPU.
     """
     captured: list[torch.Tensor] = []
-    hooks = [blk.attn.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
-             for blk in model.blocks]
+    hooks = [blk.attn.register_forward_pre_hook(lambda mod, args: captured.append(args[0])) for blk in model.blocks]
     was_training = model.training
     model.eval()
     try:
@@ -51,14 +51,14 @@ def iter_attention_maps(model: nn.Module, images: torch.Tensor) -> Iterator[torc
     for blk, x in zip(model.blocks, captured):
         attn = blk.attn
         heads = _num_heads(model, attn)
-        B, N, _ = x.shape                                               # (B, N, D)
+        B, N, _ = x.shape  # (B, N, D)
         qkv = attn.qkv(x).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]                                           # (B, h, N, hd)
+        q, k = qkv[0], qkv[1]  # (B, h, N, hd)
         # Models with query/key normalisation (timm's qk_norm) apply it before the product.
         q = getattr(attn, "q_norm", nn.Identity())(q)
         k = getattr(attn, "k_norm", nn.Identity())(k)
         logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        yield logits.softmax(dim=-1).cpu()                              # (B, h, N, N)
+        yield logits.softmax(dim=-1).cpu()  # (B, h, N, N)
 
 
 def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -69,14 +69,14 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]
 def patch_distances(grid: tuple[int, int], patch_size: int = 1) -> torch.Tensor:
     """(HW, HW) Euclidean distances between patch centres, in pixels (row-major patches)."""
     gh, gw = grid
-    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64),
-                            torch.arange(gw, dtype=torch.float64), indexing="ij")
-    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1) * patch_size   # (HW, 2)
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=1) * patch_size  # (HW, 2)
     return torch.cdist(pos, pos)
 
 
-def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
-                            patch_size: int = 1) -> torch.Tensor:
+def mean_attention_distance(
+    attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1, patch_size: int = 1
+) -> torch.Tensor:
     """Mean attention distance per head, in pixels: (B, h, N, N) -> (h,).
 
     Only patch-to-patch attention has a position in image space, so prefix tokens (class
@@ -85,10 +85,10 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], num_prefi
     query patches and images. A head attending only to itself gives 0; a uniform head gives
     the mean pairwise distance of the grid.
     """
-    p = attn[..., num_prefix_tokens:, num_prefix_tokens:]               # (B, h, HW, HW)
-    mass = p.sum(dim=-1).double().clamp_min(1e-12)                      # (B, h, HW)
-    dist = patch_distances(grid, patch_size).to(p.dtype)                # (HW, HW)
-    per_query = torch.einsum("bhqk,qk->bhq", p, dist).double() / mass   # (B, h, HW)
+    p = attn[..., num_prefix_tokens:, num_prefix_tokens:]  # (B, h, HW, HW)
+    mass = p.sum(dim=-1).double().clamp_min(1e-12)  # (B, h, HW)
+    dist = patch_distances(grid, patch_size).to(p.dtype)  # (HW, HW)
+    per_query = torch.einsum("bhqk,qk->bhq", p, dist).double() / mass  # (B, h, HW)
     return per_query.mean(dim=(0, 2)).float()
 
 
@@ -98,7 +98,7 @@ def rollout_step(rollout: torch.Tensor | None, attn: torch.Tensor, residual_weig
     Heads are averaged and the residual stream is modelled as A' = w I + (1 - w) A with rows
     renormalised; the new layer multiplies from the left.
     """
-    a = attn.double().mean(dim=1)                                       # (B, N, N)
+    a = attn.double().mean(dim=1)  # (B, N, N)
     eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a)
     a = residual_weight * eye + (1.0 - residual_weight) * a
     a = a / a.sum(dim=-1, keepdim=True)

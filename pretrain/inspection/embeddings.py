@@ -5,6 +5,7 @@
 - `posemb_similarity`: the cosine similarity of each patch's position embedding with every
   other's; a trained model shows nearby patches as similar, with row/column structure.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def filter_components(proj_weight: torch.Tensor, k: int = 28) -> torch.Tensor:
     d = proj_weight.shape[0]
     x = proj_weight.detach().double().reshape(d, -1)
     x = x - x.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)                 # (min(D, CPP), CPP)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # (min(D, CPP), CPP)
     k = min(k, vh.shape[0])
     return vh[:k].reshape(k, *proj_weight.shape[1:]).float()
 

@@ -4,6 +4,7 @@ Matplotlib runs on the Agg backend (files only, no display). Large panels (the p
 embedding grid has H*W small maps) are assembled into one array and drawn with a single
 `imshow`, so a 24x24 grid at 384 px costs one image, not 576 axes.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,7 @@ def plot_posemb_similarity(sim: torch.Tensor, path: Path) -> Path:
     for i in range(gh):
         for j in range(gw):
             y, x = i * (gh + pad), j * (gw + pad)
-            canvas[y:y + gh, x:x + gw] = sim[i, j].numpy()
+            canvas[y : y + gh, x : x + gw] = sim[i, j].numpy()
     size = min(10.0, 2.0 + 0.3 * max(gh, gw))
     fig, ax = plt.subplots(figsize=(size + 1.0, size))
     cmap = plt.get_cmap("viridis").with_extremes(bad="white")
@@ -83,8 +84,9 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, path: Path, captions:
     """(B, 3, H, W) images in [0, 1] and (B, gh, gw) rollout maps -> input / overlay pairs."""
     b = images.shape[0]
     size = images.shape[-2:]
-    up = torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear",
-                                         align_corners=False)[:, 0].clamp(0, 1)
+    up = torch.nn.functional.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ].clamp(0, 1)
     fig, axes = plt.subplots(2, b, figsize=(1.8 * b, 3.8), squeeze=False)
     for i in range(b):
         img = images[i].permute(1, 2, 0).clamp(0, 1).numpy()

@@ -7,6 +7,7 @@ Writes into DIR: `filters.png` (patch-embedding principal components), `posemb_s
 figures) and `index.html` showing them with the run's config and results table.
 `write_report(model, images, out_dir)` is the same thing as a function (the demo calls it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
     sample = images[:ATTENTION_SAMPLE]
     distance_sum, rollouts = None, []
     for start in range(0, len(sample), CHUNK):
-        chunk = sample[start:start + CHUNK]
+        chunk = sample[start : start + CHUNK]
         rollout = None
         per_layer = []
         for attn in iter_attention_maps(model, chunk):
@@ -71,8 +72,8 @@ def inspect_model(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Ten
         distance_sum = torch.stack(per_layer) if distance_sum is None else distance_sum + torch.stack(per_layer)
         if rollout is not None:
             rollouts.append(output_token_map(rollout.float(), grid, prefix))
-    out["attention_distance"] = distance_sum / len(sample)                      # (depth, heads)
-    out["rollout"] = torch.cat(rollouts)[:ROLLOUT_SHOWN]                         # (b, gh, gw)
+    out["attention_distance"] = distance_sum / len(sample)  # (depth, heads)
+    out["rollout"] = torch.cat(rollouts)[:ROLLOUT_SHOWN]  # (b, gh, gw)
     return out
 
 
@@ -82,19 +83,34 @@ def _results_table(results: dict[str, Any] | list | None) -> str:
     rows = results if isinstance(results, list) else [{"metric": k, "value": v} for k, v in results.items()]
     cols = list(dict.fromkeys(k for row in rows for k in row))
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c, '')))}</td>" for c in cols) + "</tr>" for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return (
+        f"{value:.4f}"
+        if isinstance(value, float)
+        else json.dumps(value)
+        if isinstance(value, (dict, list))
+        else str(value)
+    )
 
 
-def write_report(model: nn.Module, images: torch.Tensor, out_dir: str | Path, *,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 title: str = "ViT inspection", config_text: str | None = None,
-                 results: dict[str, Any] | list | None = None, captions: list[str] | None = None) -> Path:
+def write_report(
+    model: nn.Module,
+    images: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    title: str = "ViT inspection",
+    config_text: str | None = None,
+    results: dict[str, Any] | list | None = None,
+    captions: list[str] | None = None,
+) -> Path:
     """Write the figures, their numbers and `index.html` into `out_dir`; returns the page.
 
     `images` (B, 3, H, W) are normalised for the model with `mean`/`std` (undone for display);
@@ -109,31 +125,52 @@ def write_report(model: nn.Module, images: torch.Tensor, out_dir: str | Path, *,
     sections: list[tuple[str, str, str]] = []  # (title, file, caption)
     if "filters" in data:
         figures.plot_filters(data["filters"], out / "filters.png")
-        sections.append(("Embedding filters", "filters.png",
-                         "Principal components of the linear patch-embedding filters (paper Fig. 7, left)."))
+        sections.append(
+            (
+                "Embedding filters",
+                "filters.png",
+                "Principal components of the linear patch-embedding filters (paper Fig. 7, left).",
+            )
+        )
     if "posemb_similarity" in data:
         figures.plot_posemb_similarity(data["posemb_similarity"], out / "posemb_similarity.png")
-        sections.append(("Position embeddings", "posemb_similarity.png",
-                         "Cosine similarity of each patch's position embedding with all others (Fig. 7, centre)."))
+        sections.append(
+            (
+                "Position embeddings",
+                "posemb_similarity.png",
+                "Cosine similarity of each patch's position embedding with all others (Fig. 7, centre).",
+            )
+        )
     figures.plot_attention_distance(data["attention_distance"], out / "attention_distance.png", img_size)
-    sections.append(("Mean attention distance", "attention_distance.png",
-                     f"Per head and layer, averaged over {min(len(images), ATTENTION_SAMPLE)} images (Fig. 7, right)."))
+    sections.append(
+        (
+            "Mean attention distance",
+            "attention_distance.png",
+            f"Per head and layer, averaged over {min(len(images), ATTENTION_SAMPLE)} images (Fig. 7, right).",
+        )
+    )
     shown = images[:ROLLOUT_SHOWN]
     display = shown * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    figures.plot_rollout(display, data["rollout"], out / "attention_rollout.png",
-                         captions[:ROLLOUT_SHOWN] if captions else None)
-    sections.append(("Attention rollout", "attention_rollout.png",
-                     "Attention from the output token to the input space (Fig. 6)."))
+    figures.plot_rollout(
+        display, data["rollout"], out / "attention_rollout.png", captions[:ROLLOUT_SHOWN] if captions else None
+    )
+    sections.append(
+        ("Attention rollout", "attention_rollout.png", "Attention from the output token to the input space (Fig. 6).")
+    )
 
     numbers = {k: v.tolist() for k, v in data.items() if k not in ("filters", "rollout")}
     numbers["grid"] = list(_grid(model))
     numbers["patch_size"] = _patch_size(model)
     atomic_write_text(out / "inspection.json", json.dumps(numbers))
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", "<h2>Results</h2>", _results_table(results)]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Results</h2>",
+        _results_table(results),
+    ]
     for head, file, caption in sections:
         parts.append(f"<h2>{head}</h2><img src='{file}' alt='{head}'><p>{html.escape(caption)}</p>")
     if config_text:
@@ -150,8 +187,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_model(path: str | Path, model_name: str | None, img_size: int | None) -> tuple[nn.Module, Any]:
     """The model a run directory, export or weights file holds (all layers kept), in eval mode."""
-    from pretrain.model.vit import build_model, model_config
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.model.vit import build_model, model_config
     from pretrain.model.weight_formats import infer_model_fields
 
     source = read_source(path)
@@ -232,8 +269,11 @@ def _run_context(run_dir: Path | None) -> tuple[str | None, dict, Any]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="vit-inspect", description=__doc__.split("\n\n")[0],
-                                epilog="Example: vit-inspect runs/demo_ft --out runs/demo_ft/report/inspect")
+    p = argparse.ArgumentParser(
+        prog="vit-inspect",
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: vit-inspect runs/demo_ft --out runs/demo_ft/report/inspect",
+    )
     p.add_argument("source", help="run directory, export directory, timm .safetensors/.pth or official .npz")
     p.add_argument("--images", help="folder of image files, or a shard dataset (default: the run's data.path)")
     p.add_argument("--split", default="", help="split of a shard dataset to sample (default: the run's eval split)")
@@ -254,15 +294,26 @@ def main(argv=None) -> int:
     img_size = model.cfg.img_size
     images_at = Path(args.images) if args.images else (Path(data["path"]) if data.get("path") else None)
     if images_at is None or not images_at.exists():
-        raise UserError(f"--images: {images_at or 'not given'} does not exist; pass a folder of images or a shard dataset")
+        raise UserError(
+            f"--images: {images_at or 'not given'} does not exist; pass a folder of images or a shard dataset"
+        )
     captions = None
     if (images_at / "dataset.json").is_file():
         split = args.split or data.get("eval_split", "val")
         images = images_from_shards(images_at, split, img_size, data, args.num_images)
     else:
         images, captions = images_from_folder(images_at, img_size, mean, std, args.num_images)
-    page = write_report(model, images, args.out, mean=mean, std=std, title=f"Inspection of {args.source}",
-                        config_text=config_text, results=results, captions=captions)
+    page = write_report(
+        model,
+        images,
+        args.out,
+        mean=mean,
+        std=std,
+        title=f"Inspection of {args.source}",
+        config_text=config_text,
+        results=results,
+        captions=captions,
+    )
     print(f"wrote {page} ({len(images)} images, model {model.cfg.name} at {img_size} px)", file=sys.stderr)
     return 0
 

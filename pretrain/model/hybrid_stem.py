@@ -14,6 +14,7 @@ Parameters are initialised inside each module's constructor (lecun-normal kernel
 flax's `nn.Conv` default, GroupNorm scale 1 / bias 0), which keeps the initialisation
 correct when the model is built partitioned under `deepspeed.zero.Init`.
 """
+
 from __future__ import annotations
 
 import math

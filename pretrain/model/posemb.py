@@ -12,6 +12,7 @@ Methods, since codebases disagree (REFERENCES.md, timm PR 750):
     `scipy.ndimage.zoom(grid, (h'/h, w'/w, 1), order=1)`, i.e. bilinear on a grid whose
     corner samples stay at the corners (align_corners=True).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,7 @@ def infer_grid(num_patches: int) -> tuple[int, int]:
     """The square grid with `num_patches` cells; UserError when there is none."""
     grid = infer_grid_or_none(num_patches)
     if grid is None:
-        raise UserError(
-            f"position embedding has {num_patches} patch rows, not a square grid; pass old_grid=(H, W)"
-        )
+        raise UserError(f"position embedding has {num_patches} patch rows, not a square grid; pass old_grid=(H, W)")
     return grid
 
 
@@ -64,7 +63,9 @@ def resample_posemb(
         raise UserError(f"new pos-emb grid must be two positive sizes, got {new_grid}")
     num_patches = posemb.shape[1] - num_prefix_tokens
     if num_patches <= 0:
-        raise UserError(f"position embedding has {posemb.shape[1]} rows, not more than {num_prefix_tokens} prefix tokens")
+        raise UserError(
+            f"position embedding has {posemb.shape[1]} rows, not more than {num_prefix_tokens} prefix tokens"
+        )
     if old_grid is None:
         old_grid = infer_grid(num_patches)
     old_grid = tuple(int(n) for n in old_grid)

@@ -22,6 +22,7 @@ initialisation also holds when the model is built partitioned under
 
 GELU is the exact (erf) form, as in timm and PyTorch's default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,9 @@ class Linear(nn.Linear):
     weight_init: 'xavier' | 'xavier_qkv' (three stacked D x D blocks) | 'lecun' | 'zeros'.
     """
 
-    def __init__(self, in_f: int, out_f: int, weight_init: str = "xavier", bias_std: float = 0.0, bias_value: float = 0.0):
+    def __init__(
+        self, in_f: int, out_f: int, weight_init: str = "xavier", bias_std: float = 0.0, bias_value: float = 0.0
+    ):
         # Set before nn.Linear.__init__, which calls reset_parameters().
         self.weight_init, self.bias_std, self.bias_value = weight_init, bias_std, bias_value
         super().__init__(in_f, out_f)
@@ -137,14 +140,20 @@ class ViTConfig:
     mlp_dim: int = 3072  # MLP hidden size
     num_classes: int = 1000  # head outputs; 0 = no head (forward returns the pooled representation)
     pool: str = "token"  # 'token': class token (paper default) | 'gap': mean of patch tokens, no class token
-    representation_size: Optional[int] = None  # pre-logits Linear + tanh of this width (paper's pretraining); None = none
+    representation_size: Optional[int] = (
+        None  # pre-logits Linear + tanh of this width (paper's pretraining); None = none
+    )
     dropout: float = 0.0  # dropout after pos-emb, attention projection and MLP layers (paper: 0.1 for ImageNet-21k)
     attn_dropout: float = 0.0  # dropout on attention weights
     posemb: str = "learn"  # 'learn': learned 1D position embedding (paper) | 'sincos2d': fixed 2D sin-cos
-    posemb_class_token: bool = True  # pos-emb has a class-token row (vision_transformer, timm); False = big_vision layout
+    posemb_class_token: bool = (
+        True  # pos-emb has a class-token row (vision_transformer, timm); False = big_vision layout
+    )
     head_bias_init: float = 0.0  # initial head bias (-10 for sigmoid cross-entropy pretraining)
     activation_checkpointing: bool = False  # recompute each block in backward to save activation memory
-    resnet_layers: List[int] = field(default_factory=list)  # hybrid: BiT ResNet blocks per stage ([3, 4, 9] = R50 stem); [] = pure ViT
+    resnet_layers: List[int] = field(
+        default_factory=list
+    )  # hybrid: BiT ResNet blocks per stage ([3, 4, 9] = R50 stem); [] = pure ViT
     resnet_width: int = 64  # hybrid: ResNet stem width (64 = width factor 1)
 
     @property
@@ -201,7 +210,9 @@ def validate_config(cfg: ViTConfig) -> None:
 # ----------------------------------------------------------------------------- model
 def posemb_sincos_2d(grid: tuple[int, int], dim: int, temperature: float = 10_000.0) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding (big_vision `posemb_sincos_2d`): (1, H*W, dim)."""
-    y, x = torch.meshgrid(torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float32), torch.arange(grid[1], dtype=torch.float32), indexing="ij"
+    )
     omega = torch.arange(dim // 4, dtype=torch.float32) / max(dim // 4 - 1, 1)
     omega = 1.0 / temperature**omega
     y = y.flatten()[:, None] * omega[None, :]

@@ -12,6 +12,7 @@
 * `load_weights(model, state_dict)`: strict loading that names every missing, unexpected
   and mismatched key, resampling the position embedding when only the grid differs.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,9 @@ StateDict = dict[str, torch.Tensor]
 
 # ----------------------------------------------------------------------------- timm
 # timm keys that stand for features our ViT does not have; loading them would change the math.
-_TIMM_UNSUPPORTED = re.compile(r"(^|\.)(reg_token|ls1|ls2|q_norm|k_norm|norm_pre|fc_norm|attn_pool|dist_token|head_dist)\.|^(reg_token|dist_token)$")
+_TIMM_UNSUPPORTED = re.compile(
+    r"(^|\.)(reg_token|ls1|ls2|q_norm|k_norm|norm_pre|fc_norm|attn_pool|dist_token|head_dist)\.|^(reg_token|dist_token)$"
+)
 
 
 def _strip_wrappers(state_dict: StateDict) -> StateDict:
@@ -72,11 +75,21 @@ def timm_model_kwargs(cfg) -> tuple[str, dict]:
     if int(mlp_ratio * cfg.width) != cfg.mlp_dim:
         raise UserError(f"model.mlp_dim={cfg.mlp_dim} is not reachable with timm's mlp_ratio")
     kwargs = dict(
-        img_size=cfg.img_hw, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        embed_dim=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=mlp_ratio,
-        class_token=cfg.pool == "token", global_pool="token" if cfg.pool == "token" else "avg",
-        fc_norm=False, no_embed_class=not cfg.posemb_class_token,
-        drop_rate=0.0, pos_drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout, attn_drop_rate=cfg.attn_dropout,
+        img_size=cfg.img_hw,
+        in_chans=cfg.in_chans,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.heads,
+        mlp_ratio=mlp_ratio,
+        class_token=cfg.pool == "token",
+        global_pool="token" if cfg.pool == "token" else "avg",
+        fc_norm=False,
+        no_embed_class=not cfg.posemb_class_token,
+        drop_rate=0.0,
+        pos_drop_rate=cfg.dropout,
+        proj_drop_rate=cfg.dropout,
+        attn_drop_rate=cfg.attn_dropout,
     )
     if cfg.resnet_layers:
         if list(cfg.resnet_layers) != [3, 4, 9] or cfg.resnet_width != 64 or cfg.patch_size != 16:
@@ -132,7 +145,9 @@ def _qkv(ours, flax3, heads, kind):
 
 
 def _attn_out(ours, flax, heads):  # flax (heads, hd, D) <-> torch (D, heads*hd)
-    return Param(ours, (flax,), lambda a: a[0].reshape(-1, a[0].shape[-1]).T, lambda w: [w.T.reshape(heads, -1, w.shape[0])])
+    return Param(
+        ours, (flax,), lambda a: a[0].reshape(-1, a[0].shape[-1]).T, lambda w: [w.T.reshape(heads, -1, w.shape[0])]
+    )
 
 
 @dataclass(frozen=True)
@@ -154,33 +169,58 @@ def npz_params(layout: Layout) -> list[Param]:
     for s, units in enumerate(layout.resnet):
         if s == 0:
             bb = "patch_embed.backbone."
-            p += [_conv(bb + "stem.conv.weight", "conv_root/kernel"), _vec(bb + "stem.norm.weight", "gn_root/scale"),
-                  _vec(bb + "stem.norm.bias", "gn_root/bias")]
+            p += [
+                _conv(bb + "stem.conv.weight", "conv_root/kernel"),
+                _vec(bb + "stem.norm.weight", "gn_root/scale"),
+                _vec(bb + "stem.norm.bias", "gn_root/bias"),
+            ]
         for u, has_proj in enumerate(units):
             ours, flax = f"patch_embed.backbone.stages.{s}.blocks.{u}.", f"block{s + 1}/unit{u + 1}/"
             for r in (1, 2, 3):
-                p += [_conv(f"{ours}conv{r}.weight", f"{flax}conv{r}/kernel"),
-                      _vec(f"{ours}norm{r}.weight", f"{flax}gn{r}/scale"), _vec(f"{ours}norm{r}.bias", f"{flax}gn{r}/bias")]
+                p += [
+                    _conv(f"{ours}conv{r}.weight", f"{flax}conv{r}/kernel"),
+                    _vec(f"{ours}norm{r}.weight", f"{flax}gn{r}/scale"),
+                    _vec(f"{ours}norm{r}.bias", f"{flax}gn{r}/bias"),
+                ]
             if has_proj:
-                p += [_conv(f"{ours}downsample.conv.weight", f"{flax}conv_proj/kernel"),
-                      _vec(f"{ours}downsample.norm.weight", f"{flax}gn_proj/scale"),
-                      _vec(f"{ours}downsample.norm.bias", f"{flax}gn_proj/bias")]
+                p += [
+                    _conv(f"{ours}downsample.conv.weight", f"{flax}conv_proj/kernel"),
+                    _vec(f"{ours}downsample.norm.weight", f"{flax}gn_proj/scale"),
+                    _vec(f"{ours}downsample.norm.bias", f"{flax}gn_proj/bias"),
+                ]
     if layout.class_token:
         p.append(_raw("cls_token", "cls"))
     p.append(_raw("pos_embed", "pos_embedding" if layout.big_vision else "Transformer/posembed_input/pos_embedding"))
-    mha, ln2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if layout.big_vision else (
-        "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    mha, ln2, mlp = (
+        ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+        if layout.big_vision
+        else ("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+    )
     for i in range(layout.depth):
         ours, flax = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
         p += [
-            _vec(ours + "norm1.weight", flax + "LayerNorm_0/scale"), _vec(ours + "norm1.bias", flax + "LayerNorm_0/bias"),
-            _qkv(ours + "attn.qkv.weight", [f"{flax}{mha}/{n}/kernel" for n in ("query", "key", "value")], layout.heads, "kernel"),
-            _qkv(ours + "attn.qkv.bias", [f"{flax}{mha}/{n}/bias" for n in ("query", "key", "value")], layout.heads, "bias"),
+            _vec(ours + "norm1.weight", flax + "LayerNorm_0/scale"),
+            _vec(ours + "norm1.bias", flax + "LayerNorm_0/bias"),
+            _qkv(
+                ours + "attn.qkv.weight",
+                [f"{flax}{mha}/{n}/kernel" for n in ("query", "key", "value")],
+                layout.heads,
+                "kernel",
+            ),
+            _qkv(
+                ours + "attn.qkv.bias",
+                [f"{flax}{mha}/{n}/bias" for n in ("query", "key", "value")],
+                layout.heads,
+                "bias",
+            ),
             _attn_out(ours + "attn.proj.weight", f"{flax}{mha}/out/kernel", layout.heads),
             _vec(ours + "attn.proj.bias", f"{flax}{mha}/out/bias"),
-            _vec(ours + "norm2.weight", f"{flax}{ln2}/scale"), _vec(ours + "norm2.bias", f"{flax}{ln2}/bias"),
-            _dense(ours + "mlp.fc1.weight", f"{flax}{mlp}/Dense_0/kernel"), _vec(ours + "mlp.fc1.bias", f"{flax}{mlp}/Dense_0/bias"),
-            _dense(ours + "mlp.fc2.weight", f"{flax}{mlp}/Dense_1/kernel"), _vec(ours + "mlp.fc2.bias", f"{flax}{mlp}/Dense_1/bias"),
+            _vec(ours + "norm2.weight", f"{flax}{ln2}/scale"),
+            _vec(ours + "norm2.bias", f"{flax}{ln2}/bias"),
+            _dense(ours + "mlp.fc1.weight", f"{flax}{mlp}/Dense_0/kernel"),
+            _vec(ours + "mlp.fc1.bias", f"{flax}{mlp}/Dense_0/bias"),
+            _dense(ours + "mlp.fc2.weight", f"{flax}{mlp}/Dense_1/kernel"),
+            _vec(ours + "mlp.fc2.bias", f"{flax}{mlp}/Dense_1/bias"),
         ]
     p += [_vec("norm.weight", "Transformer/encoder_norm/scale"), _vec("norm.bias", "Transformer/encoder_norm/bias")]
     if layout.pre_logits:
@@ -214,7 +254,7 @@ def _unscan(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for k, v in arrays.items():
         if k.startswith(_SCAN_BLOCK):
             for i in range(v.shape[0]):
-                out[f"Transformer/encoderblock_{i}/{k[len(_SCAN_BLOCK):]}"] = v[i]
+                out[f"Transformer/encoderblock_{i}/{k[len(_SCAN_BLOCK) :]}"] = v[i]
         else:
             out[k] = v
     return out
@@ -229,7 +269,10 @@ def _count(keys, pattern: str, first: int = 0) -> int:
 def _layout_of_npz(arrays: dict[str, np.ndarray]) -> Layout:
     keys = arrays.keys()
     resnet = tuple(
-        tuple(f"block{s}/unit{u}/conv_proj/kernel" in arrays for u in range(1, 1 + _count(keys, rf"block{s}/unit(\d+)/", first=1)))
+        tuple(
+            f"block{s}/unit{u}/conv_proj/kernel" in arrays
+            for u in range(1, 1 + _count(keys, rf"block{s}/unit(\d+)/", first=1))
+        )
         for s in range(1, 1 + _count(keys, r"block(\d+)/unit", first=1))
     )
     return Layout(
@@ -256,7 +299,9 @@ def load_npz(path: str | Path) -> StateDict:
         missing = [k for k in param.flax if k not in arrays]
         if missing:
             raise UserError(f"{path}: missing array {missing[0]!r} (needed for {param.ours})")
-        state_dict[param.ours] = torch.from_numpy(np.ascontiguousarray(param.to_ours([arrays[k] for k in param.flax]), dtype=np.float32))
+        state_dict[param.ours] = torch.from_numpy(
+            np.ascontiguousarray(param.to_ours([arrays[k] for k in param.flax]), dtype=np.float32)
+        )
         used.update(param.flax)
     unknown = sorted(set(arrays) - used)
     if unknown:
@@ -267,12 +312,21 @@ def load_npz(path: str | Path) -> StateDict:
 def _layout_of_state_dict(keys, heads: int, big_vision: bool) -> Layout:
     stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
     resnet = tuple(
-        tuple(f"patch_embed.backbone.stages.{s}.blocks.{u}.downsample.conv.weight" in keys
-              for u in range(_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.")))
+        tuple(
+            f"patch_embed.backbone.stages.{s}.blocks.{u}.downsample.conv.weight" in keys
+            for u in range(_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\."))
+        )
         for s in range(stages)
     )
-    return Layout(big_vision, _count(keys, r"blocks\.(\d+)\."), heads, "cls_token" in keys,
-                  "pre_logits.weight" in keys, "head.weight" in keys, resnet)
+    return Layout(
+        big_vision,
+        _count(keys, r"blocks\.(\d+)\."),
+        heads,
+        "cls_token" in keys,
+        "pre_logits.weight" in keys,
+        "head.weight" in keys,
+        resnet,
+    )
 
 
 def save_npz(model: torch.nn.Module, path: str | Path, layout: Optional[str] = None, scan: bool = False) -> None:
@@ -294,7 +348,9 @@ def save_npz(model: torch.nn.Module, path: str | Path, layout: Optional[str] = N
         blocks = [k for k in arrays if k.startswith("Transformer/encoderblock_0/")]
         for k in blocks:
             sub = k[len("Transformer/encoderblock_0/") :]
-            arrays[_SCAN_BLOCK + sub] = np.stack([arrays.pop(f"Transformer/encoderblock_{i}/{sub}") for i in range(lay.depth)])
+            arrays[_SCAN_BLOCK + sub] = np.stack(
+                [arrays.pop(f"Transformer/encoderblock_{i}/{sub}") for i in range(lay.depth)]
+            )
     prefix = "params/" if lay.big_vision else ""
     with atomic_open(path, "wb") as f:
         np.savez(f, **{prefix + k: v for k, v in arrays.items()})
@@ -321,7 +377,9 @@ def infer_model_fields(state_dict: StateDict) -> dict:
         fields["patch_size"] = proj.shape[-1]
     else:  # hybrid: blocks per ResNet stage, stem width; tokens are the stride-2**(stages+1) feature map
         stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
-        fields["resnet_layers"] = [_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)]
+        fields["resnet_layers"] = [
+            _count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)
+        ]
         fields["resnet_width"] = stem.shape[0]
         fields["patch_size"] = 2 ** (stages + 1) * proj.shape[-1]
     return fields
@@ -352,14 +410,17 @@ def load_weights(
     problems += [f"unexpected {k}" for k in incoming if k not in own]
     problems += [
         f"{k}: {source} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in incoming.items() if k in own and v.shape != own[k].shape
+        for k, v in incoming.items()
+        if k in own and v.shape != own[k].shape
     ]
     if problems:
         raise UserError(f"{source} does not fit the model: {'; '.join(problems)}")
     model.load_state_dict(incoming, strict=not skip_prefixes)
 
 
-def _fit_posemb(posemb: torch.Tensor, model, method: Optional[str], source_grid: Optional[Sequence[int]]) -> torch.Tensor:
+def _fit_posemb(
+    posemb: torch.Tensor, model, method: Optional[str], source_grid: Optional[Sequence[int]]
+) -> torch.Tensor:
     target = model.pos_embed
     if posemb.shape == target.shape or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
         return posemb
@@ -368,7 +429,9 @@ def _fit_posemb(posemb: torch.Tensor, model, method: Optional[str], source_grid:
     # Which layout: with a known source grid, count rows; else a square count means no class-token row.
     no_prefix_row = rows == source_grid[0] * source_grid[1] if source_grid else infer_grid_or_none(rows) is not None
     if model.num_prefix_tokens and not prefix and not no_prefix_row:
-        raise UserError("checkpoint pos_embed has a class-token row; build the model with model.posemb_class_token=true")
+        raise UserError(
+            "checkpoint pos_embed has a class-token row; build the model with model.posemb_class_token=true"
+        )
     if prefix and no_prefix_row:  # big_vision layout into a model with a class-token row
         posemb = torch.cat([posemb.new_zeros(1, prefix, posemb.shape[-1]), posemb], dim=1)
     if method is None or posemb.shape == target.shape:

@@ -5,6 +5,7 @@ RANK and WORLD_SIZE, read first), under `srun` (SLURM_PROCID / SLURM_LOCALID /
 SLURM_STEP_NUM_TASKS: the job-wide SLURM_NTASKS is also visible to a batch shell that is
 not a step, so it must not be read), or as one plain process. gloo on CPU, NCCL on GPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,7 +104,9 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
             master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else slurm_port(env.get("SLURM_JOB_ID", "0")),
             launcher="srun",
         )
-    return DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(), launcher="single")
+    return DistEnv(
+        rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=_free_port(), launcher="single"
+    )
 
 
 def backend() -> str:

@@ -14,6 +14,7 @@ for ViT-H/14 ZeRO-3 (`benchmarks/zero3_memory.py`), flat from the second step on
 
 GPU ranks are left alone: their per-step buffers live in CUDA's caching allocator already.
 """
+
 from __future__ import annotations
 
 import ctypes

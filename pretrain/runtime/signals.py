@@ -8,6 +8,7 @@ A rank that stops making progress (a dead peer, a stuck file system) would other
 until the wall-clock limit. The watchdog thread notices that no step has finished for
 `timeout_s` and ends the process with the requeue code and a message naming the step.
 """
+
 from __future__ import annotations
 
 import os

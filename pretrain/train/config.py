@@ -5,6 +5,7 @@ them and computes the derived values (per-rank batch, steps) once. A `model:` se
 naming a registered variant (`model: {name: vit_b16}`) starts from that variant's fields,
 so a recipe states only what it changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,10 @@ from omegaconf import OmegaConf
 
 from pretrain.checkpoint.checkpointer import CheckpointConfig
 from pretrain.data.loaders import DataConfig
-from pretrain.zero.engine import ZeroConfig
 from pretrain.evaluate.periodic import EvalConfig
 from pretrain.model.vit import ViTConfig, list_models, model_config
 from pretrain.train.loop import TrainConfig
+from pretrain.zero.engine import ZeroConfig
 from vitscale_common.config_loader import ConfigError, load_config, parse_overrides, read_yaml
 from vitscale_common.slurm_config import SlurmConfig
 
@@ -31,7 +32,9 @@ class RunConfig:
     seed: int = 0  # seeds the model init, data order and augmentation
     dist_timeout_s: float = 1800.0  # collective-operation timeout (a dead peer fails the job after this)
     threads: int = 0  # torch intra-op threads per rank on CPU (0: torch's default)
-    reuse_host_memory: bool = True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/runtime/glibc_host_memory.py)
+    reuse_host_memory: bool = (
+        True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/runtime/glibc_host_memory.py)
+    )
 
 
 @dataclass
@@ -49,12 +52,27 @@ class PretrainConfig:
 # Differences from a run's saved config that a resume accepts (dotted key prefixes):
 # length, evaluation, logging and resources, none of which changes what a step computes.
 RESUMABLE_CHANGES = (
-    "run.dir", "run.dist_timeout_s", "run.threads", "run.reuse_host_memory",
-    "train.steps", "train.epochs", "train.log_every", "train.watchdog_s",
-    "eval", "checkpoint", "slurm",
-    "data.workers", "data.cache_dir", "data.prefetch",
-    "zero.reduce_bucket_size", "zero.allgather_bucket_size", "zero.prefetch_bucket_size",
-    "zero.param_persistence_threshold", "zero.max_live_parameters", "zero.sub_group_size", "zero.overlap_comm",
+    "run.dir",
+    "run.dist_timeout_s",
+    "run.threads",
+    "run.reuse_host_memory",
+    "train.steps",
+    "train.epochs",
+    "train.log_every",
+    "train.watchdog_s",
+    "eval",
+    "checkpoint",
+    "slurm",
+    "data.workers",
+    "data.cache_dir",
+    "data.prefetch",
+    "zero.reduce_bucket_size",
+    "zero.allgather_bucket_size",
+    "zero.prefetch_bucket_size",
+    "zero.param_persistence_threshold",
+    "zero.max_live_parameters",
+    "zero.sub_group_size",
+    "zero.overlap_comm",
     "model.activation_checkpointing",
 )
 
@@ -105,8 +123,10 @@ def derive(train: TrainConfig, world_size: int, steps_per_epoch: int) -> Derived
     if train.batch_size % (world_size * train.grad_accum):
         raise ConfigError(
             f"train.batch_size: {train.batch_size} is not divisible by world size {world_size} x "
-            f"train.grad_accum {train.grad_accum}")
+            f"train.grad_accum {train.grad_accum}"
+        )
     per_rank = train.batch_size // world_size
     total = train.steps or math.ceil(train.epochs * steps_per_epoch)
-    return Derived(world_size, per_rank, per_rank // train.grad_accum, steps_per_epoch, total,
-                   min(train.optim.warmup_steps, total))
+    return Derived(
+        world_size, per_rank, per_rank // train.grad_accum, steps_per_epoch, total, min(train.optim.warmup_steps, total)
+    )

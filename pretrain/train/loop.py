@@ -5,6 +5,7 @@ step boundaries, where all ranks agree (one small all-reduce) on whether a stop 
 requested or the loss went non-finite, so collective work (checkpoints, evaluation)
 is always entered by every rank together.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pretrain.runtime.distributed import all_reduce_flags, sum_counters
+from pretrain.runtime.signals import StopRequest, Watchdog
+from pretrain.train.run_log import RunLog
 from pretrain.zero.engine import input_dtype
 from pretrain.zero.optimizer import OptimConfig
-from pretrain.train.run_log import RunLog
-from pretrain.runtime.signals import StopRequest, Watchdog
 from vitscale_common.config_loader import ConfigError
 from vitscale_common.errors import UserError
 
@@ -99,9 +100,29 @@ class Hooks:
 
 
 class Trainer:
-    def __init__(self, engine, loader, cfg: TrainConfig, *, num_classes: int, rank: int, log: RunLog,
-                 hooks: Hooks, ema: Ema | None = None, flops_per_image: float = 0.0, peak_flops: float | None = None):
-        self.engine, self.loader, self.cfg, self.rank, self.log, self.hooks, self.ema = engine, loader, cfg, rank, log, hooks, ema
+    def __init__(
+        self,
+        engine,
+        loader,
+        cfg: TrainConfig,
+        *,
+        num_classes: int,
+        rank: int,
+        log: RunLog,
+        hooks: Hooks,
+        ema: Ema | None = None,
+        flops_per_image: float = 0.0,
+        peak_flops: float | None = None,
+    ):
+        self.engine, self.loader, self.cfg, self.rank, self.log, self.hooks, self.ema = (
+            engine,
+            loader,
+            cfg,
+            rank,
+            log,
+            hooks,
+            ema,
+        )
         self.loss = loss_fn(cfg.loss, num_classes)
         self.dtype = input_dtype(engine)
         self.flops_per_image, self.peak = flops_per_image, peak_flops
@@ -150,7 +171,9 @@ class Trainer:
                 norm = self.engine.get_global_grad_norm()  # None only at stage 0 with clipping off
                 grad_norm = None if norm is None else float(norm)
                 if grad_norm is not None and not math.isfinite(grad_norm):
-                    raise NonFiniteLoss(f"step {step}: gradient norm is {grad_norm}; stopping (resume from the last checkpoint)")
+                    raise NonFiniteLoss(
+                        f"step {step}: gradient norm is {grad_norm}; stopping (resume from the last checkpoint)"
+                    )
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
                 self.samples_seen += self.cfg.batch_size
@@ -182,9 +205,12 @@ class Trainer:
         if self.nonfinite_skips > self.cfg.max_nonfinite_skips:
             raise NonFiniteLoss(
                 f"step {step}: loss is not finite (skipped {self.nonfinite_skips - 1} batches before, "
-                f"train.max_nonfinite_skips={self.cfg.max_nonfinite_skips}); stopping")
+                f"train.max_nonfinite_skips={self.cfg.max_nonfinite_skips}); stopping"
+            )
         if self.rank == 0:
-            tqdm.write(f"step {step}: non-finite loss, batch skipped ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})")
+            tqdm.write(
+                f"step {step}: non-finite loss, batch skipped ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})"
+            )
 
     def _log(self, step: int, window: "_Window", bar) -> None:
         stats = window.flush()
@@ -196,8 +222,13 @@ class Trainer:
             world = self.engine.world_size
             stats["mfu"] = 3 * self.flops_per_image * stats["images_per_s"] / (self.peak * world)
         gnorm = {"gnorm": f"{stats['grad_norm']:.2f}"} if "grad_norm" in stats else {}
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **gnorm,
-                        img_s=f"{stats['images_per_s']:.0f}", wait=f"{stats['data_wait']:.0%}")
+        bar.set_postfix(
+            loss=f"{stats['loss']:.4f}",
+            lr=f"{stats['lr']:.2e}",
+            **gnorm,
+            img_s=f"{stats['images_per_s']:.0f}",
+            wait=f"{stats['data_wait']:.0%}",
+        )
         self.log.write(step, "train", stats)
 
 

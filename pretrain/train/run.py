@@ -6,6 +6,7 @@ Runs unchanged as one process, under torchrun / the deepspeed launcher, or under
 Starting on a run directory that holds checkpoints resumes from the newest complete one;
 a SIGUSR1/SIGTERM saves at the next step and exits with code 85 (requeue me).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,14 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pretrain.runtime import distributed
 from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff, scan
-from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
-from pretrain.zero.engine import build_engine, build_model_for, deepspeed_config
+from pretrain.runtime import distributed
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
-from pretrain.train.run_log import RunLog, peak_flops, vit_forward_flops
 from pretrain.runtime.signals import EXIT_REQUEUE, StopRequest, Watchdog
+from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
 from pretrain.train.loop import Ema, Hooks, Trainer
+from pretrain.train.run_log import RunLog, peak_flops, vit_forward_flops
+from pretrain.zero.engine import build_engine, build_model_for, deepspeed_config
 from vitscale_common.config_loader import ConfigError, save_config, to_yaml
 from vitscale_common.errors import UserError, cli_entry
 
@@ -47,7 +48,8 @@ def check_resumable(saved: dict, cfg, dataset_digest: str, *, force: bool) -> No
     if changed and not force:
         raise UserError(
             f"{cfg.run.dir} was trained with a different config: {', '.join(changed)} changed; "
-            "use a new run.dir, or --force to resume anyway")
+            "use a new run.dir, or --force to resume anyway"
+        )
     if changed:
         print(f"warning: resuming despite changes to {', '.join(changed)} (--force)", file=sys.stderr)
 
@@ -75,7 +77,9 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     # ---------------------------------------------------------------- dataset
     dataset = sharding.open_dataset(cfg.data.path)
     if cfg.model.num_classes != dataset.num_classes:
-        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.path} has {dataset.num_classes} classes")
+        raise ConfigError(
+            f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.path} has {dataset.num_classes} classes"
+        )
     digest = file_digest(Path(cfg.data.path) / "dataset.json")
 
     # ---------------------------------------------------------------- resume decision
@@ -94,14 +98,25 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     universal = world_changed and Checkpointer.partitioned(resume)
 
     # ---------------------------------------------------------------- data
-    loader = build_train_loader(cfg.data, img_size=cfg.model.img_size, global_batch=cfg.train.batch_size,
-                                rank=rank, world_size=world, seed=cfg.run.seed)
+    loader = build_train_loader(
+        cfg.data,
+        img_size=cfg.model.img_size,
+        global_batch=cfg.train.batch_size,
+        rank=rank,
+        world_size=world,
+        seed=cfg.run.seed,
+    )
     derived = derive(cfg.train, world, loader.steps_per_epoch)
     say(rank, f"derived: {derived.describe()}")
 
     # ---------------------------------------------------------------- model and engine
-    ds_config = deepspeed_config(cfg.zero, global_batch=cfg.train.batch_size, micro_batch=derived.micro_batch,
-                                 grad_accum=cfg.train.grad_accum, clip_grad=cfg.train.clip_grad)
+    ds_config = deepspeed_config(
+        cfg.zero,
+        global_batch=cfg.train.batch_size,
+        micro_batch=derived.micro_batch,
+        grad_accum=cfg.train.grad_accum,
+        clip_grad=cfg.train.clip_grad,
+    )
     if universal:
         ds_config["checkpoint"] = {"load_universal": True}
         checkpointer.prepare_universal(resume)
@@ -127,8 +142,14 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
     resolved = _resolved(cfg)
 
     def save(step: int, final: bool) -> None:
-        state = {"step": step, "samples_seen": trainer.samples_seen, "nonfinite_skips": trainer.nonfinite_skips,
-                 "data": loader.state_dict(), "config": resolved, "dataset_digest": digest}
+        state = {
+            "step": step,
+            "samples_seen": trainer.samples_seen,
+            "nonfinite_skips": trainer.nonfinite_skips,
+            "data": loader.state_dict(),
+            "config": resolved,
+            "dataset_digest": digest,
+        }
         if ema is not None:
             state["ema"] = ema.state_dict()
         finished = checkpointer.finish()
@@ -137,13 +158,28 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
         folder = checkpointer.save(engine, step, state, final=final)
         say(rank, f"writing {folder} in the background" if checkpointer.pending else f"saved {folder}")
 
-    evaluate = build_evaluator(cfg.eval, cfg.data, engine.module, img_size=cfg.model.img_size,
-                               num_classes=dataset.num_classes, multi_label=dataset.label_kind == "multi",
-                               rank=rank, world_size=world)
-    trainer = Trainer(engine, loader, cfg.train, num_classes=dataset.num_classes, rank=rank, log=log,
-                      hooks=Hooks(save=save, evaluate=evaluate, checkpoint_every=cfg.checkpoint.every,
-                                  eval_every=cfg.eval.every),
-                      ema=ema, flops_per_image=vit_forward_flops(cfg.model), peak_flops=peak_flops())
+    evaluate = build_evaluator(
+        cfg.eval,
+        cfg.data,
+        engine.module,
+        img_size=cfg.model.img_size,
+        num_classes=dataset.num_classes,
+        multi_label=dataset.label_kind == "multi",
+        rank=rank,
+        world_size=world,
+    )
+    trainer = Trainer(
+        engine,
+        loader,
+        cfg.train,
+        num_classes=dataset.num_classes,
+        rank=rank,
+        log=log,
+        hooks=Hooks(save=save, evaluate=evaluate, checkpoint_every=cfg.checkpoint.every, eval_every=cfg.eval.every),
+        ema=ema,
+        flops_per_image=vit_forward_flops(cfg.model),
+        peak_flops=peak_flops(),
+    )
     trainer.samples_seen, trainer.nonfinite_skips = samples_seen, skips
     stop = StopRequest().install()
     watchdog = Watchdog(cfg.train.watchdog_s, rank).start()
@@ -155,20 +191,35 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
         log.close()
     distributed.shutdown()
     if outcome == "stopped":
-        say(rank, f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint saved, exiting {EXIT_REQUEUE}")
+        say(
+            rank,
+            f"stop requested (signal {stop.signum or 'on another rank'}): checkpoint saved, exiting {EXIT_REQUEUE}",
+        )
         return EXIT_REQUEUE
     say(rank, f"done: {derived.total_steps} steps, {trainer.samples_seen} samples; run directory {run_dir}")
     return 0
 
 
-def parse_args(argv, *, prog: str = "vit-pretrain", description: str = __doc__.split("\n\n")[0],
-               example: str = "vit-pretrain configs/pretrain/demo.yaml data.path=shards run.dir=runs/demo"):
+def parse_args(
+    argv,
+    *,
+    prog: str = "vit-pretrain",
+    description: str = __doc__.split("\n\n")[0],
+    example: str = "vit-pretrain configs/pretrain/demo.yaml data.path=shards run.dir=runs/demo",
+):
     """The command line shared by the training stages: configs, overrides, --force."""
     p = argparse.ArgumentParser(prog=prog, description=description, epilog=f"Example: {example}")
-    p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                   help="YAML config files (merged in order), then key=value overrides")
-    p.add_argument("--force", action="store_true",
-                   help="resume even when the model, data or recipe differ from the run directory's")
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="YAML config files (merged in order), then key=value overrides",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even when the model, data or recipe differ from the run directory's",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
     args.configs = [i for i in args.items if "=" not in i]

@@ -3,6 +3,7 @@
 Only rank 0 writes. On resume, lines past the resumed step are dropped first, so after
 any number of kills `metrics.jsonl` holds one line per logged step: the run's true curve.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def vit_forward_flops(model_cfg) -> float:
     d, m = model_cfg.width, model_cfg.mlp_dim
     patch = n_patches * model_cfg.patch_size**2 * model_cfg.in_chans * d
     block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # qkv+proj, QK^T and AV, MLP
-    head = (model_cfg.representation_size or 0) * d + max(model_cfg.num_classes, 0) * (model_cfg.representation_size or d)
+    head = (model_cfg.representation_size or 0) * d + max(model_cfg.num_classes, 0) * (
+        model_cfg.representation_size or d
+    )
     return 2.0 * (patch + model_cfg.depth * block + head)
 
 

@@ -5,6 +5,7 @@ peak memory is a config field here, so a CPU test and an 8-GPU node use the same
 ZeRO stage 3 builds the model inside `deepspeed.zero.Init`, so no rank ever holds all of
 it: that is what lets ViT-H/14 train on two CPU processes with 22 GB between them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ from typing import Any, Callable
 
 import torch
 
-from pretrain.zero.patch_bf16_flat_grads import install_flat_gradients
 from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
-from pretrain.zero.patch_zero2_fp32_reduce import install_fp32_bucket_reduction
+from pretrain.zero.patch_bf16_flat_grads import install_flat_gradients
 from pretrain.zero.patch_fused_grad_norm import install_fused_grad_norm
+from pretrain.zero.patch_zero2_fp32_reduce import install_fp32_bucket_reduction
 from vitscale_common.config_loader import ConfigError
 
 
@@ -44,16 +45,22 @@ class ZeroConfig:
         if self.grad_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"{where}.grad_dtype: must be fp32 or bf16, got {self.grad_dtype!r}")
         if self.precision == "fp32" and self.grad_dtype != "fp32":
-            raise ConfigError(f"{where}.grad_dtype: bf16 gradients need precision bf16 (fp32 weights have fp32 gradients)")
+            raise ConfigError(
+                f"{where}.grad_dtype: bf16 gradients need precision bf16 (fp32 weights have fp32 gradients)"
+            )
         if self.stage == 0 and self.precision == "bf16":
             # DeepSpeed's stage-0 bf16 optimizer (FP16_UnfusedOptimizer) steps our AdamW once on
             # zero gradients as it starts: Adam's step count then runs one ahead of the schedule
             # and weight decay is applied once before training. Stages 1-3 do neither.
-            raise ConfigError(f"{where}.precision: bf16 needs ZeRO stage 1-3 (DeepSpeed's stage-0 bf16 optimizer "
-                              f"takes an extra Adam step as it starts); set {where}.stage=1")
+            raise ConfigError(
+                f"{where}.precision: bf16 needs ZeRO stage 1-3 (DeepSpeed's stage-0 bf16 optimizer "
+                f"takes an extra Adam step as it starts); set {where}.stage=1"
+            )
 
 
-def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, grad_accum: int, clip_grad: float) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: ZeroConfig, *, global_batch: int, micro_batch: int, grad_accum: int, clip_grad: float
+) -> dict[str, Any]:
     """The DeepSpeed JSON config; batch sizes are derived by the caller, once."""
     cfg.validate()
     zero: dict[str, Any] = {
@@ -82,10 +89,12 @@ def deepspeed_config(cfg: ZeroConfig, *, global_batch: int, micro_batch: int, gr
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16",
-                 # BF16_Optimizer (ZeRO-1, fp32 gradients): each bf16 gradient moves into the
-                 # fp32 buffer as backward produces it and is freed (pretrain/zero/patch_bf16_flat_grads.py).
-                 "immediate_grad_update": cfg.precision == "bf16" and cfg.grad_dtype == "fp32"},
+        "bf16": {
+            "enabled": cfg.precision == "bf16",
+            # BF16_Optimizer (ZeRO-1, fp32 gradients): each bf16 gradient moves into the
+            # fp32 buffer as backward produces it and is freed (pretrain/zero/patch_bf16_flat_grads.py).
+            "immediate_grad_update": cfg.precision == "bf16" and cfg.grad_dtype == "fp32",
+        },
         **(_bf16_gradients(cfg.grad_dtype) if cfg.precision == "bf16" else {}),
         # Our optimizer is torch's AdamW/SGD; DeepSpeed only vouches for its own.
         "zero_allow_untested_optimizer": True,

@@ -7,6 +7,7 @@ the position embedding). Fine-tuning uses SGD with momentum 0.9 and no decay.
 
 The schedule is a pure function of the step, so resuming needs only the step count.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,5 +91,7 @@ class WarmupDecay:
         return 1.0 + (self.floor - 1.0) * progress
 
 
-def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(cfg, total_steps))

@@ -32,6 +32,7 @@ before the last change and that option, 0.984-1.006 with both
 Installed only where nothing else reduces, norms or accumulates these gradients: no
 pipeline or tensor parallelism, no experts, no Muon.
 """
+
 from __future__ import annotations
 
 import types
@@ -100,8 +101,14 @@ def install_flat_gradients(engine) -> bool:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     optimizer = engine.optimizer
-    if (not isinstance(optimizer, BF16_Optimizer) or engine.pipeline_parallelism or engine.has_moe_layers
-            or optimizer.mpu is not None or optimizer._uses_muon or optimizer.autoep_folding_tp_group is not None):
+    if (
+        not isinstance(optimizer, BF16_Optimizer)
+        or engine.pipeline_parallelism
+        or engine.has_moe_layers
+        or optimizer.mpu is not None
+        or optimizer._uses_muon
+        or optimizer.autoep_folding_tp_group is not None
+    ):
         return False
     engine.buffered_allreduce_fallback = types.MethodType(allreduce_flat_gradients, engine)
     optimizer.get_grads_for_norm = types.MethodType(flat_grads_for_norm, optimizer)

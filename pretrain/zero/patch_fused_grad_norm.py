@@ -26,6 +26,7 @@ again one parameter at a time, and drops the norm, so `get_global_grad_norm()` i
 logged norm would be blank and a non-finite gradient would pass unseen. There the engine's
 clip is replaced by `torch.nn.utils.clip_grad_norm_`, whose norm the engine then reports.
 """
+
 from __future__ import annotations
 
 import types
@@ -89,7 +90,11 @@ def install_fused_grad_norm(engine) -> bool:
     if optimizer.model_parallel_group is not None or getattr(optimizer, "has_moe_layers", False):
         return False
     optimizer.get_grad_norm_direct = types.MethodType(fused_grad_norm, optimizer)
-    if (isinstance(optimizer, DeepSpeedZeroOptimizer) and optimizer.dtype == torch.bfloat16
-            and optimizer.compute_grad_norm and not optimizer.cpu_offload):
+    if (
+        isinstance(optimizer, DeepSpeedZeroOptimizer)
+        and optimizer.dtype == torch.bfloat16
+        and optimizer.compute_grad_norm
+        and not optimizer.cpu_offload
+    ):
         optimizer.check_overflow = types.MethodType(overflow_from_norm, optimizer)
     return True

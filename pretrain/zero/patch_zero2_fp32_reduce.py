@@ -19,6 +19,7 @@ once: DeepSpeed looks up the rank (twice) and five tables per parameter per buck
 (0.937-0.940 of the bare loop's speed -> 0.950-0.955 on one CPU rank; on a GPU that Python
 runs between the kernel launches).
 """
+
 from __future__ import annotations
 
 import types
@@ -55,8 +56,10 @@ def _partition_slices(self) -> dict[int, tuple[int, int, int]]:
         rank = dist.get_rank(group=self.real_dp_process_group[group_idx])
         for param_id, source_offset in self.grad_start_offset[group_idx][rank].items():
             dest_offset = int(self.grad_partition_insertion_offset[group_idx][rank][param_id])
-            count = min(self.param_dict[param_id].numel() - int(source_offset),
-                        int(self.partition_size[group_idx]) - dest_offset)
+            count = min(
+                self.param_dict[param_id].numel() - int(source_offset),
+                int(self.partition_size[group_idx]) - dest_offset,
+            )
             if count > 0:
                 slices[param_id] = (int(source_offset), dest_offset, count)
     return slices
@@ -68,8 +71,12 @@ def install_fp32_bucket_reduction(engine) -> bool:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
-    if (not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload
-            or getattr(optimizer, "has_moe_layers", False) or getattr(optimizer, "zenflow", False)):
+    if (
+        not isinstance(optimizer, DeepSpeedZeroOptimizer)
+        or optimizer.cpu_offload
+        or getattr(optimizer, "has_moe_layers", False)
+        or getattr(optimizer, "zenflow", False)
+    ):
         return False
     if not all(optimizer._use_compact_grad_partition_buffer(i) for i in range(len(optimizer.bit16_groups))):
         return False

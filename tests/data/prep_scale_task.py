@@ -3,6 +3,7 @@
 Prints the peak resident memory (bytes) after listing, caching, planning, and computing
 the listing rows of every shard the task owns.
 """
+
 import resource
 import sys
 from pathlib import Path
@@ -31,8 +32,9 @@ class SyntheticListing(Source):
         for start in range(0, N, 1_000_000):
             idx = pa.array(np.arange(start, min(start + 1_000_000, N)))
             synset = pc.cast(pc.add(pc.divide(idx, 642), 1_000_000), pa.string())
-            ids.append(pc.binary_join_element_wise("n0", synset, "/n0", synset, "_",
-                                                   pc.cast(idx, pa.string()), ".JPEG", ""))
+            ids.append(
+                pc.binary_join_element_wise("n0", synset, "/n0", synset, "_", pc.cast(idx, pa.string()), ".JPEG", "")
+            )
             labels.append(pc.cast(pc.divide(idx, 642), pa.int32()))
         table = pa.table({"source_id": pa.chunked_array(ids), "label": pa.chunked_array(labels)})
         return Listing(table, [(f"c{i}", f"c{i}") for i in range(N // 642 + 1)], "single")

@@ -3,6 +3,7 @@
 Every sample's class is its own id (num_classes = number of samples), so a batch's targets
 say exactly which samples it holds. Images are small JPEGs whose colour also encodes the id.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,9 @@ def write_dataset(root: Path, splits: dict[str, list[int]], image_size: int = 24
                     key = fmt.sample_key(split, shard, slot)
                     image = jpeg(next_id, image_size)
                     meta = json.dumps({"source_id": f"id{next_id}"}).encode()
-                    loc = w.add(key, [(fmt.IMAGE_EXT, image), (fmt.CLASS_EXT, str(next_id).encode()), (fmt.META_EXT, meta)])
+                    loc = w.add(
+                        key, [(fmt.IMAGE_EXT, image), (fmt.CLASS_EXT, str(next_id).encode()), (fmt.META_EXT, meta)]
+                    )
                     m = loc.members
                     rows.append({
                         "key": key, "split": split, "shard": shard, "slot": slot,

@@ -4,6 +4,7 @@ SPEC holds the data config, world size, rank, seed, global batch, how many batch
 an optional saved state to resume from. OUT gets each batch's targets and an image digest, the
 state after the last batch, and the loss counters.
 """
+
 import hashlib
 import json
 import sys

@@ -6,6 +6,7 @@ re-encoded as JPEG at quality 60-95. Distinct images are crops of the same photo
 overlap every test crop by IoU < 0.3, crops of the photos no test image comes from, and
 the LFW faces scikit-image ships.
 """
+
 import io
 from pathlib import Path
 
@@ -22,8 +23,20 @@ from data_prep.convert import run_convert
 from data_prep.sources import SourceConfig
 from sharding import open_dataset
 
-SOURCE_PHOTOS = ["astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "immunohistochemistry",
-                 "hubble_deep_field", "retina", "moon", "brick", "grass"]
+SOURCE_PHOTOS = [
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "moon",
+    "brick",
+    "grass",
+]
 OTHER_PHOTOS = ["cell", "gravel", "page", "text", "clock", "horse", "logo", "colorwheel", "microaneurysms"]
 CROPS_PER_SOURCE_PHOTO = 110
 CROPS_PER_OTHER_PHOTO = 50
@@ -74,7 +87,9 @@ def _plant(rng, im):
 def corpus():
     rng = np.random.default_rng(2020)
     tests, planted, distinct = [], [], []
-    photos = _photos(SOURCE_PHOTOS) | {f"sklearn{i}": Image.fromarray(a) for i, a in enumerate(load_sample_images().images)}
+    photos = _photos(SOURCE_PHOTOS) | {
+        f"sklearn{i}": Image.fromarray(a) for i, a in enumerate(load_sample_images().images)
+    }
     for name, photo in photos.items():
         w, h = photo.size
         boxes = []
@@ -100,7 +115,9 @@ def corpus():
     for name, photo in _photos(OTHER_PHOTOS).items():
         distinct.append((f"{name}_whole", _jpeg(photo, 90)))
         for n in range(CROPS_PER_OTHER_PHOTO):
-            distinct.append((f"{name}_crop{n}", _jpeg(photo.crop(_box(rng, *photo.size, 0.2, 0.8)), rng.integers(60, 96))))
+            distinct.append(
+                (f"{name}_crop{n}", _jpeg(photo.crop(_box(rng, *photo.size, 0.2, 0.8)), rng.integers(60, 96)))
+            )
     faces = skimage.data.lfw_subset()
     for i, face in enumerate(faces[:100]):
         distinct.append((f"lfw{i}", _jpeg(_rgb(face), 90)))
@@ -128,13 +145,15 @@ def test_planted_copies_found_and_no_false_positives(corpus, record_property):
     per_image = np.full(len(pool), np.inf)
     np.minimum.at(per_image, pool_sigs.owner, dist)
     planted_d = np.sort(per_image[: len(planted)])
-    distinct_min = float(per_image[len(planted):].min())
+    distinct_min = float(per_image[len(planted) :].min())
     margin = distinct_min - planted_d[int(np.ceil(0.95 * len(planted_d))) - 1]
     nearest = f"{distinct_min:.1f}" if np.isfinite(distinct_min) else f"> {cutoff:.0f}"
-    summary = (f"recall {recall:.3f} ({len(found)}/{len(truth)}), false positives {len(false_positives)}/"
-               f"{len(distinct)}; planted distance 95th pct {planted_d[int(0.95 * len(planted_d)) - 1]:.1f}, "
-               f"max finite {planted_d[np.isfinite(planted_d)].max():.1f}; nearest distinct {nearest}; "
-               f"threshold {dedup.THRESHOLD}; margin {margin:.1f}")
+    summary = (
+        f"recall {recall:.3f} ({len(found)}/{len(truth)}), false positives {len(false_positives)}/"
+        f"{len(distinct)}; planted distance 95th pct {planted_d[int(0.95 * len(planted_d)) - 1]:.1f}, "
+        f"max finite {planted_d[np.isfinite(planted_d)].max():.1f}; nearest distinct {nearest}; "
+        f"threshold {dedup.THRESHOLD}; margin {margin:.1f}"
+    )
     print(summary)
     record_property("dedup_margin", summary)
     assert recall >= 0.95, summary
@@ -167,8 +186,11 @@ def _convert_images(tmp_path, name, images):
     out = tmp_path / name
     run_convert(PrepConfig(source=SourceConfig(kind="imagenet1k", input=str(release)), output=str(out), dedup=False))
     ds = open_dataset(out)
-    key_of = {Path(r["source_id"]).stem: r["key"] for s in ds.shards("train")
-              for r in ds.sample_index("train", s.name).select(["key", "source_id"]).to_pylist()}
+    key_of = {
+        Path(r["source_id"]).stem: r["key"]
+        for s in ds.shards("train")
+        for r in ds.sample_index("train", s.name).select(["key", "source_id"]).to_pylist()
+    }
     return out, key_of
 
 
@@ -212,8 +234,14 @@ def test_tasks_split_the_shards_and_replace_an_earlier_split(corpus, tmp_path):
     for key, data in images:
         (release / f"{key}.JPEG").write_bytes(data)
     pre = tmp_path / "pre"
-    run_convert(PrepConfig(source=SourceConfig(kind="imagenet1k", input=str(release.parents[1])), output=str(pre),
-                           dedup=False, samples_per_shard=8))
+    run_convert(
+        PrepConfig(
+            source=SourceConfig(kind="imagenet1k", input=str(release.parents[1])),
+            output=str(pre),
+            dedup=False,
+            samples_per_shard=8,
+        )
+    )
     common = [str(pre), "--against", f"{test_dir}:train", "--name", "t"]
     assert dedup.main(common) == 0
     single = open_dataset(pre).excluded_keys()

@@ -3,6 +3,7 @@
 The fake ImageNet-1k has 4 synsets whose images are crops of 4 different shipped photos,
 so a frozen random-init ViT's features separate them and the probes have something to find.
 """
+
 import json
 import shutil
 import sys
@@ -19,9 +20,9 @@ import sharding
 from data_prep.config import PrepConfig
 from data_prep.convert import run_convert
 from data_prep.sources import SourceConfig
+from pretrain.data.loaders import DataConfig, build_eval_loader
 from pretrain.evaluate import run as evaluate
 from pretrain.model import weight_formats as weights
-from pretrain.data.loaders import DataConfig, build_eval_loader
 from pretrain.model.vit import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -36,7 +37,7 @@ def _crop_jpeg(photo: np.ndarray, rng, path: Path):
     side = int(min(h, w) * rng.uniform(0.3, 0.6))
     y, x = rng.integers(0, h - side), rng.integers(0, w - side)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(photo[y:y + side, x:x + side]).resize((48, 48)).save(path, "JPEG", quality=90)
+    Image.fromarray(photo[y : y + side, x : x + side]).resize((48, 48)).save(path, "JPEG", quality=90)
 
 
 def _fake_imagenet(root: Path):
@@ -51,7 +52,8 @@ def _fake_imagenet(root: Path):
             _crop_jpeg(photo, rng, root / "train" / wnid / f"{wnid}_{i}.JPEG")
     wnid_of = {sid: w for sid, w, _, _ in fakes.META}
     (root / "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").write_text(
-        "".join(f"{g}\n" for g in VAL_GT))
+        "".join(f"{g}\n" for g in VAL_GT)
+    )
     for n, gt in enumerate(VAL_GT, 1):
         _crop_jpeg(photos[wnid_of[gt]], rng, root / "val" / f"ILSVRC2012_val_{n:08d}.JPEG")
 
@@ -62,8 +64,11 @@ def _convert(kind: str, release: Path, out: Path):
 
 
 def _labels_by_source(ds, split):
-    return {r["source_id"]: r["label"] for s in ds.shards(split)
-            for r in ds.sample_index(split, s.name).select(["source_id", "label"]).to_pylist()}
+    return {
+        r["source_id"]: r["label"]
+        for s in ds.shards(split)
+        for r in ds.sample_index(split, s.name).select(["source_id", "label"]).to_pylist()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,13 @@ def test_imagenet_converts_with_devkit_labels(imagenet):
     assert _labels_by_source(imagenet, "train")["train/n04000001/n04000001_5.JPEG"] == 3
 
 
-@pytest.mark.parametrize("kind,make,counts,named", [
-    ("pets", fakes._fake_pets, {"train": 3, "test": 3}, ("test", "images/american_bulldog_100.jpg", 1)),
-    ("flowers", fakes._fake_flowers, {"train": 3, "val": 2, "test": 3}, ("train", "jpg/image_00007.jpg", 101)),
-])
+@pytest.mark.parametrize(
+    "kind,make,counts,named",
+    [
+        ("pets", fakes._fake_pets, {"train": 3, "test": 3}, ("test", "images/american_bulldog_100.jpg", 1)),
+        ("flowers", fakes._fake_flowers, {"train": 3, "val": 2, "test": 3}, ("train", "jpg/image_00007.jpg", 101)),
+    ],
+)
 def test_pets_and_flowers_convert(tmp_path, kind, make, counts, named):
     make(tmp_path / "release")
     ds = _convert(kind, tmp_path / "release", tmp_path / "out")
@@ -118,16 +126,38 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
     model, path = timm_weights
     real = _real_json(tmp_path / "real.json")
     out = tmp_path / "results"
-    rc = evaluate.main([str(path), "--model", "vit_ti16", "--data", str(imagenet.path), "--split", "val",
-                        "--resolution", "64", "--real", str(tmp_path / "real.json"), "--fewshot", "1,5",
-                        "--linear-probe", "--workers", "0", "--batch-size", "5", "--out", str(out)])
+    rc = evaluate.main(
+        [
+            str(path),
+            "--model",
+            "vit_ti16",
+            "--data",
+            str(imagenet.path),
+            "--split",
+            "val",
+            "--resolution",
+            "64",
+            "--real",
+            str(tmp_path / "real.json"),
+            "--fewshot",
+            "1,5",
+            "--linear-probe",
+            "--workers",
+            "0",
+            "--batch-size",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     results = json.loads((out / f"{imagenet.name}-val-64px.json").read_text())["results"]
     assert (out / f"{imagenet.name}-val-64px.md").read_text().startswith("# Evaluation results")
 
     # the same model and loader, scored here directly
-    loader = build_eval_loader(DataConfig(path=str(imagenet.path), workers=0), "val", img_size=64, batch_size=7,
-                               rank=0, world_size=1)
+    loader = build_eval_loader(
+        DataConfig(path=str(imagenet.path), workers=0), "val", img_size=64, batch_size=7, rank=0, world_size=1
+    )
     with torch.no_grad():
         batches = [(model(x), y, v) for x, y, v in loader]
     logits = torch.cat([lg[v] for lg, _, v in batches])
@@ -136,7 +166,11 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
     assert results["top1"] == pytest.approx((logits.argmax(1) == targets).float().mean().item())
     assert results["top5"] == 1.0  # 4 classes
 
-    sources = [sid for s in imagenet.shards("val") for sid in imagenet.sample_index("val", s.name).column("source_id").to_pylist()]
+    sources = [
+        sid
+        for s in imagenet.shards("val")
+        for sid in imagenet.sample_index("val", s.name).column("source_id").to_pylist()
+    ]
     numbers = [int(s[-13:-5]) for s in sources]  # ILSVRC2012_val_000000NN.JPEG, in stream order
     pred = logits.argmax(1).tolist()
     kept = [(p, real[n - 1]) for p, n in zip(pred, numbers) if real[n - 1]]
@@ -150,8 +184,23 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
 
 def test_vit_eval_at_another_resolution_resamples_posemb(imagenet, timm_weights, tmp_path):
     _, path = timm_weights
-    rc = evaluate.main([str(path), "--model", "vit_ti16", "--data", str(imagenet.path), "--split", "val",
-                        "--resolution", "96", "--workers", "0", "--out", str(tmp_path)])
+    rc = evaluate.main(
+        [
+            str(path),
+            "--model",
+            "vit_ti16",
+            "--data",
+            str(imagenet.path),
+            "--split",
+            "val",
+            "--resolution",
+            "96",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / f"{imagenet.name}-val-96px.json").read_text())
     assert doc["resolution"] == 96 and "4x4 -> 6x6" in doc["init"] and "resampled" in doc["init"]
@@ -164,8 +213,23 @@ def test_vit_eval_real_needs_imagenet_val_names(tmp_path, timm_weights, capsys):
     ds_root = tmp_path / "pets"
     fakes._fake_pets(tmp_path / "pets_release")
     _convert("pets", tmp_path / "pets_release", ds_root)
-    rc = evaluate.main([str(path), "--model", "vit_ti16", "--data", str(ds_root), "--split", "test",
-                        "--resolution", "64", "--real", str(tmp_path / "real.json"), "--workers", "0"])
+    rc = evaluate.main(
+        [
+            str(path),
+            "--model",
+            "vit_ti16",
+            "--data",
+            str(ds_root),
+            "--split",
+            "test",
+            "--resolution",
+            "64",
+            "--real",
+            str(tmp_path / "real.json"),
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 2
     assert "is not an ImageNet validation image" in capsys.readouterr().err
 
@@ -174,8 +238,25 @@ def test_vit_eval_other_head_scores_only_the_representation(tmp_path, timm_weigh
     _, path = timm_weights  # a 4-class head; Pets here has 3 classes
     fakes._fake_pets(tmp_path / "release")
     _convert("pets", tmp_path / "release", tmp_path / "pets")
-    rc = evaluate.main([str(path), "--model", "vit_ti16", "--data", str(tmp_path / "pets"), "--split", "test",
-                        "--resolution", "64", "--fewshot", "1", "--workers", "0", "--out", str(tmp_path / "out")])
+    rc = evaluate.main(
+        [
+            str(path),
+            "--model",
+            "vit_ti16",
+            "--data",
+            str(tmp_path / "pets"),
+            "--split",
+            "test",
+            "--resolution",
+            "64",
+            "--fewshot",
+            "1",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "out" / "pets-test-64px.json").read_text())["results"]
     assert set(results) == {"samples", "fewshot_1"} and results["samples"] == 3

@@ -1,6 +1,7 @@
 """A corpus of deliberately bad and odd inputs: every one is converted or rejected with
 its reason, the odd-but-valid ones are converted with the right pixels, nothing escapes
 the output folder."""
+
 import io
 import os
 import struct
@@ -29,8 +30,10 @@ def _png(img):
 
 def _png_header_only(width, height):
     """A PNG whose IHDR claims width x height pixels, with no pixel data to speak of."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -76,11 +79,21 @@ def make_corpus(root):
     (d / "tiny.png").write_bytes(_png(Image.new("RGB", (4, 4))))
     (d / "sliver.png").write_bytes(_png(Image.new("RGB", (400, 10))))
     return {
-        "good.jpg": None, "cmyk.jpg": None, "grey16.png": None, "palette_alpha.png": None,
-        "rotated.jpg": None, "animated.gif": None, "image.webp": None,
-        "truncated.jpg": "truncated", "zero.jpg": "empty", "text.jpg": "not_an_image",
-        "bomb.png": "too_many_pixels", "broken_link.jpg": "unreadable", "folder.jpg": "unreadable",
-        "tiny.png": "too_small", "sliver.png": "extreme_aspect",
+        "good.jpg": None,
+        "cmyk.jpg": None,
+        "grey16.png": None,
+        "palette_alpha.png": None,
+        "rotated.jpg": None,
+        "animated.gif": None,
+        "image.webp": None,
+        "truncated.jpg": "truncated",
+        "zero.jpg": "empty",
+        "text.jpg": "not_an_image",
+        "bomb.png": "too_many_pixels",
+        "broken_link.jpg": "unreadable",
+        "folder.jpg": "unreadable",
+        "tiny.png": "too_small",
+        "sliver.png": "extreme_aspect",
     }
 
 
@@ -90,7 +103,7 @@ def _images(ds):
         for shard in ds.shards(split):
             data = open(shard.path, "rb").read()
             for row in ds.sample_index(split, shard.name).to_pylist():
-                jpg = data[row["jpg_offset"]:row["jpg_offset"] + row["jpg_size"]]
+                jpg = data[row["jpg_offset"] : row["jpg_offset"] + row["jpg_size"]]
                 out[row["source_id"].split("/")[-1]] = Image.open(io.BytesIO(jpg)).convert("RGB")
     return out
 
@@ -101,8 +114,23 @@ def converted(tmp_path_factory):
     expected = make_corpus(base / "in")
     before = sorted(p for p in base.rglob("*"))
     out = base / "out"
-    rc = prep_main(["convert", "--source", "imagefolder", "--input", str(base / "in"), "--output", str(out),
-                    "--splits", "train=1", "--samples-per-shard", "4", "--max-pixels", "10000000"])
+    rc = prep_main(
+        [
+            "convert",
+            "--source",
+            "imagefolder",
+            "--input",
+            str(base / "in"),
+            "--output",
+            str(out),
+            "--splits",
+            "train=1",
+            "--samples-per-shard",
+            "4",
+            "--max-pixels",
+            "10000000",
+        ]
+    )
     assert rc == 0
     after = sorted(p for p in base.rglob("*") if out not in p.parents and p != out)
     assert after == before, "something was written outside the output folder"
@@ -143,7 +171,7 @@ def test_conforming_jpeg_bytes_pass_through_unchanged(converted, tmp_path):
     good = next(r for r in rows if r["source_id"].endswith("good.jpg"))
     data = open(ds.path / f"shards/{good['key'].rsplit('_', 2)[0]}-{good['shard']:06d}.tar", "rb").read()
     original = (ds.path.parent / "in" / "cls" / "good.jpg").read_bytes()
-    assert data[good["jpg_offset"]:good["jpg_offset"] + good["jpg_size"]] == original
+    assert data[good["jpg_offset"] : good["jpg_offset"] + good["jpg_size"]] == original
     assert shard.num_samples >= 0
 
 
@@ -160,24 +188,54 @@ def test_in21k_tar_of_tars_with_climbing_names(tmp_path):
     jpg = _jpeg(_gradient(40, 30))
     outer = tmp_path / "work" / "fall11.tar"
     outer.parent.mkdir()
-    outer.write_bytes(tar_bytes([
-        ("n0002.tar", tar_bytes([("n0002_1.JPEG", jpg), ("../../escape.JPEG", jpg), ("n0002_2.JPEG", b"junk")])),
-        ("n0001.tar", tar_bytes([("n0001_1.JPEG", jpg), ("/abs.JPEG", jpg)])),
-        ("../n0003.tar", tar_bytes([("n0003_1.JPEG", jpg)])),
-    ]))
+    outer.write_bytes(
+        tar_bytes(
+            [
+                (
+                    "n0002.tar",
+                    tar_bytes([("n0002_1.JPEG", jpg), ("../../escape.JPEG", jpg), ("n0002_2.JPEG", b"junk")]),
+                ),
+                ("n0001.tar", tar_bytes([("n0001_1.JPEG", jpg), ("/abs.JPEG", jpg)])),
+                ("../n0003.tar", tar_bytes([("n0003_1.JPEG", jpg)])),
+            ]
+        )
+    )
     words = tmp_path / "work" / "words.txt"
     words.write_text("n0001\tcat\nn0002\tdog\n")
     out = tmp_path / "work" / "out"
-    assert prep_main(["convert", "--source", "in21k", "--input", str(outer), "--words", str(words),
-                      "--output", str(out), "--splits", "train=1"]) == 0
-    assert sorted(p.name for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts) == \
-        ["fall11.tar", "words.txt", "work"]
+    assert (
+        prep_main(
+            [
+                "convert",
+                "--source",
+                "in21k",
+                "--input",
+                str(outer),
+                "--words",
+                str(words),
+                "--output",
+                str(out),
+                "--splits",
+                "train=1",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts) == [
+        "fall11.tar",
+        "words.txt",
+        "work",
+    ]
     ds = sharding.open_dataset(out)
     assert [(c.class_id, c.name) for c in ds.classes] == [("n0001", "cat"), ("n0002", "dog")]
     rows = ds.sample_index("train", "train-000000").to_pylist()
     assert sorted((r["source_id"], r["label"]) for r in rows) == [("n0001/n0001_1.JPEG", 0), ("n0002/n0002_1.JPEG", 1)]
     rejected = {r["source_id"]: r["reason"] for r in ds.rejected().to_pylist()}
-    assert rejected == {"n0002/../../escape.JPEG": "unsafe_name", "n0001//abs.JPEG": "unsafe_name",
-                        "../n0003.tar": "unsafe_name", "n0002/n0002_2.JPEG": "not_an_image"}
+    assert rejected == {
+        "n0002/../../escape.JPEG": "unsafe_name",
+        "n0001//abs.JPEG": "unsafe_name",
+        "../n0003.tar": "unsafe_name",
+        "n0002/n0002_2.JPEG": "not_an_image",
+    }
     # The two classes hold the same JPEG bytes: one copy is excluded at merge time.
     assert len(ds.excluded_keys()) == 1 and ds.excluded_keys() < {r["key"] for r in rows}

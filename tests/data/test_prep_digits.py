@@ -1,4 +1,5 @@
 """The digits demo dataset end to end: convert, open, read with stock webdataset, verify."""
+
 import json
 import subprocess
 import sys
@@ -45,7 +46,10 @@ def test_stock_webdataset_and_tar_read_what_the_index_says(digits):
     raw = open(shard.path, "rb").read()
     with tarfile.open(shard.path) as tar:
         member = tar.getmember(f"{index[3]['key']}.jpg")
-        assert raw[index[3]["jpg_offset"]:index[3]["jpg_offset"] + index[3]["jpg_size"]] == tar.extractfile(member).read()
+        assert (
+            raw[index[3]["jpg_offset"] : index[3]["jpg_offset"] + index[3]["jpg_size"]]
+            == tar.extractfile(member).read()
+        )
 
 
 def test_labels_match_the_source_and_shuffle_mixes_classes(digits):
@@ -63,6 +67,7 @@ def test_labels_match_the_source_and_shuffle_mixes_classes(digits):
 def test_verify_passes_then_catches_a_flipped_byte(digits, tmp_path):
     assert verify_dataset(digits).ok
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(digits, copy)
     shard = sharding.open_dataset(copy).shards("test")[0]
@@ -73,8 +78,9 @@ def test_verify_passes_then_catches_a_flipped_byte(digits, tmp_path):
     report = verify_dataset(copy)
     assert not report.ok
     assert any("sha256" in p for p in report.problems)
-    r = subprocess.run([sys.executable, "-m", "data_prep.cli", "verify", str(copy), "--workers", "2"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "data_prep.cli", "verify", str(copy), "--workers", "2"], capture_output=True, text=True
+    )
     assert r.returncode == 1 and r.stdout.count("problem:") >= 2 and f"{shard.name}/{row['key']}" in r.stdout
 
 

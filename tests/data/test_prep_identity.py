@@ -1,5 +1,6 @@
 """Determinism of conversion: array tasks + merge, any worker count, and kill -9 + rerun
 all give the bytes of one uninterrupted single-node run (provenance.json aside)."""
+
 import os
 import random
 import signal
@@ -16,8 +17,11 @@ ARGS = ["--source", "digits", "--samples-per-shard", "16", "--seed", "3"]
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "provenance.json"}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "provenance.json"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,23 @@ def test_array_tasks_then_merge_equal_one_node(clean, tmp_path, num_tasks, worke
     out = tmp_path / "tasks"
     # Tasks run in a scrambled order, as a SLURM array would.
     for index in reversed(range(num_tasks)):
-        assert prep_main(["convert", *ARGS, "--output", str(out), "--workers", str(workers),
-                          "--num-tasks", str(num_tasks), "--task-index", str(index)]) == 0
+        assert (
+            prep_main(
+                [
+                    "convert",
+                    *ARGS,
+                    "--output",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                    "--num-tasks",
+                    str(num_tasks),
+                    "--task-index",
+                    str(index),
+                ]
+            )
+            == 0
+        )
         assert not (out / "dataset.json").exists()
     assert prep_main(["merge", str(out)]) == 0
     assert tree_bytes(out) == clean
@@ -50,9 +69,15 @@ def test_array_tasks_then_merge_equal_one_node(clean, tmp_path, num_tasks, worke
 def test_array_tasks_running_at_the_same_time_share_the_folder_safely(clean, tmp_path):
     out = tmp_path / "concurrent"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_ARRAY_TASK_COUNT": "3"}
-    procs = [subprocess.Popen([sys.executable, "-m", "data_prep.cli", "convert", *ARGS, "--output", str(out)],
-                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stderr=subprocess.PIPE, text=True)
-             for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "data_prep.cli", "convert", *ARGS, "--output", str(out)],
+            env={**env, "SLURM_ARRAY_TASK_ID": str(i)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert prep_main(["merge", str(out)]) == 0
@@ -103,8 +128,9 @@ def test_kill_9_at_random_moments_then_rerun_is_byte_identical(clean, tmp_path):
         # time, decides the kill point, and it stops 25 shards short of the end (the delay adds
         # at most a few on a fast machine), so a run never finishes before it is killed.
         target = min(_done(out) + rng.randint(3, 25), total - 25)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         while proc.poll() is None and _done(out) < target:
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.05))
@@ -135,8 +161,17 @@ def test_a_dying_worker_fails_the_run_clearly_and_a_rerun_finishes(tmp_path, cap
             return super().read(item)
 
     out = tmp_path / "out"
-    args = ["convert", "--source", "test_dies_once", "--output", str(out), "--samples-per-shard", "200",
-            "--workers", "2"]
+    args = [
+        "convert",
+        "--source",
+        "test_dies_once",
+        "--output",
+        str(out),
+        "--samples-per-shard",
+        "200",
+        "--workers",
+        "2",
+    ]
     assert prep_main(args) == 2
     assert "a convert worker died" in capsys.readouterr().err
     assert prep_main(args) == 0

@@ -1,5 +1,6 @@
 """Scale: planning an ImageNet-21k-sized conversion fits a task's memory, and the global
 shuffle of a 300M listing costs a task only its own share."""
+
 import subprocess
 import sys
 import tracemalloc
@@ -17,8 +18,9 @@ GB = 1 << 30
 def test_planning_a_14m_listing_into_array_tasks_stays_under_2gb(tmp_path):
     n = 14_000_000
     script = Path(__file__).with_name("prep_scale_task.py")
-    r = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), str(n)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), str(n)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows, shards, peak = map(int, r.stdout.split())
     assert shards == 1386 + 14  # 13.86M train + 140k val, 10k per shard

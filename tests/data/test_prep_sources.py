@@ -1,4 +1,5 @@
 """Table (parquet / CSV / JSONL, single and multi-label) and CIFAR (binary and python) sources."""
+
 import io
 import json
 import os
@@ -35,20 +36,49 @@ def _all_rows(ds):
 def test_multi_label_parquet_table_with_splits(tmp_path):
     paths = _images(tmp_path / "imgs", 6)
     labels = [["cat", "dog"], ["dog"], [], ["bird", "cat", "cat"], ["bird"], ["dog", "bird"]]
-    pq.write_table(pa.table({
-        "path": [f"imgs/{p.name}" for p in paths], "tags": labels,
-        "part": ["train", "train", "train", "train", "val", "val"],
-    }), tmp_path / "jft.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "path": [f"imgs/{p.name}" for p in paths],
+                "tags": labels,
+                "part": ["train", "train", "train", "train", "val", "val"],
+            }
+        ),
+        tmp_path / "jft.parquet",
+    )
     out = tmp_path / "out"
-    assert prep_main(["convert", "--source", "table", "--input", str(tmp_path / "jft.parquet"),
-                      "--image-column", "path", "--labels-column", "tags", "--split-column", "part",
-                      "--output", str(out)]) == 0
+    assert (
+        prep_main(
+            [
+                "convert",
+                "--source",
+                "table",
+                "--input",
+                str(tmp_path / "jft.parquet"),
+                "--image-column",
+                "path",
+                "--labels-column",
+                "tags",
+                "--split-column",
+                "part",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ds = sharding.open_dataset(out)
     assert ds.label_kind == "multi" and [c.name for c in ds.classes] == ["bird", "cat", "dog"]
     assert ds.splits == ["train", "val"] and ds.num_samples("train") == 4 and ds.num_samples("val") == 2
     got = {r["source_id"]: r["labels"] for r in _all_rows(ds)}
-    assert got == {"imgs/img0.png": [1, 2], "imgs/img1.png": [2], "imgs/img2.png": [],
-                   "imgs/img3.png": [0, 1], "imgs/img4.png": [0], "imgs/img5.png": [0, 2]}
+    assert got == {
+        "imgs/img0.png": [1, 2],
+        "imgs/img1.png": [2],
+        "imgs/img2.png": [],
+        "imgs/img3.png": [0, 1],
+        "imgs/img4.png": [0],
+        "imgs/img5.png": [0, 2],
+    }
     sample = next(iter(wds.WebDataset([ds.shards("val")[0].url], shardshuffle=False)))
     assert json.loads(sample["labels.json"]) == got[json.loads(sample["json"])["source_id"]]
 
@@ -61,13 +91,33 @@ def test_csv_and_jsonl_tables_with_class_names_and_a_missing_file(tmp_path):
     results = []
     for name in ("t.csv", "t.jsonl"):
         out = tmp_path / f"out-{name}"
-        assert prep_main(["convert", "--source", "table", "--input", str(tmp_path / name),
-                          "--image-column", "file", "--label-column", "cls",
-                          "--splits", "train=1", "--output", str(out)]) == 0
+        assert (
+            prep_main(
+                [
+                    "convert",
+                    "--source",
+                    "table",
+                    "--input",
+                    str(tmp_path / name),
+                    "--image-column",
+                    "file",
+                    "--label-column",
+                    "cls",
+                    "--splits",
+                    "train=1",
+                    "--output",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         ds = sharding.open_dataset(out)
         assert [c.name for c in ds.classes] == ["a", "b"]
         assert {r["source_id"]: r["label"] for r in _all_rows(ds)} == {
-            str(paths[0]): 1, "imgs/img1.png": 0, "imgs/img3.png": 0}
+            str(paths[0]): 1,
+            "imgs/img1.png": 0,
+            "imgs/img3.png": 0,
+        }
         assert ds.rejected().column("reason").to_pylist() == ["unreadable"]
         results.append((out / "shards" / "train-000000.tar").read_bytes())
     assert results[0] == results[1]  # same rows, same shards, whatever the table format
@@ -77,8 +127,19 @@ def test_table_with_an_unknown_label_is_a_clear_error(tmp_path, capsys):
     _images(tmp_path / "imgs", 1)
     (tmp_path / "t.csv").write_text("image,label\nimgs/img0.png,zebra\n")
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
-    rc = prep_main(["convert", "--source", "table", "--input", str(tmp_path / "t.csv"),
-                    "--class-list", str(tmp_path / "classes.txt"), "--output", str(tmp_path / "o")])
+    rc = prep_main(
+        [
+            "convert",
+            "--source",
+            "table",
+            "--input",
+            str(tmp_path / "t.csv"),
+            "--class-list",
+            str(tmp_path / "classes.txt"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "row 0: label 'zebra' is not a known class" in capsys.readouterr().err
 
 
@@ -99,8 +160,9 @@ def test_cifar10_binary_release_records(tmp_path):
         for i in range(3):
             expected[f"{name}/{i:05d}"] = (int(labels[i]), pixels[i].reshape(3, 32, 32).transpose(1, 2, 0))
     out = tmp_path / "out"
-    assert prep_main(["convert", "--source", "cifar", "--input", str(root), "--output", str(out),
-                      "--quality", "100"]) == 0
+    assert (
+        prep_main(["convert", "--source", "cifar", "--input", str(root), "--output", str(out), "--quality", "100"]) == 0
+    )
     ds = sharding.open_dataset(out)
     assert ds.splits == ["train", "test"] and ds.num_samples("train") == 15 and ds.num_samples("test") == 3
     assert ds.classes[0].name == "airplane"
@@ -108,7 +170,7 @@ def test_cifar10_binary_release_records(tmp_path):
     data = open(shard.path, "rb").read()
     for r in ds.sample_index("test", shard.name).to_pylist():
         label, pixels = expected[r["source_id"]]
-        img = np.asarray(Image.open(io.BytesIO(data[r["jpg_offset"]:r["jpg_offset"] + r["jpg_size"]])))
+        img = np.asarray(Image.open(io.BytesIO(data[r["jpg_offset"] : r["jpg_offset"] + r["jpg_size"]])))
         assert r["label"] == label and img.shape == (32, 32, 3)
         assert np.abs(img.astype(int) - pixels).mean() < 4  # JPEG: close, not exact
 
@@ -117,10 +179,15 @@ def test_cifar100_python_archive_through_the_restricted_unpickler(tmp_path):
     members = {}
     for name, n in (("train", 4), ("test", 2)):
         members[f"cifar-100-python/{name}"] = pickle.dumps(
-            {b"data": _cifar_pixels(n, n), b"fine_labels": list(range(n)), b"coarse_labels": [1] * n}, protocol=2)
+            {b"data": _cifar_pixels(n, n), b"fine_labels": list(range(n)), b"coarse_labels": [1] * n}, protocol=2
+        )
     members["cifar-100-python/meta"] = pickle.dumps(
-        {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-         b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, protocol=2)
+        {
+            b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+        },
+        protocol=2,
+    )
     archive = tmp_path / "cifar-100-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for name, data in members.items():
@@ -151,8 +218,7 @@ def test_imagefolder_with_split_folders_keeps_them(tmp_path):
         for cls in ("b_dog", "a_cat"):
             _images(tmp_path / "in" / split / cls, n)
     out = tmp_path / "out"
-    assert prep_main(["convert", "--source", "imagefolder", "--input", str(tmp_path / "in"),
-                      "--output", str(out)]) == 0
+    assert prep_main(["convert", "--source", "imagefolder", "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
     ds = sharding.open_dataset(out)
     assert ds.splits == ["train", "val"] and ds.num_samples("train") == 10 and ds.num_samples("val") == 4
     assert [c.class_id for c in ds.classes] == ["a_cat", "b_dog"]
@@ -172,8 +238,22 @@ def test_exact_duplicates_are_excluded_keeping_the_evaluation_copy(tmp_path):
         shutil.copy(tmp_path / "in" / "a" / f"{i}.png", tmp_path / "in" / "b" / f"{i}.png")
     shutil.copy(tmp_path / "in" / "a" / "0.png", tmp_path / "in" / "b" / "extra.png")
     out = tmp_path / "out"
-    assert prep_main(["convert", "--source", "imagefolder", "--input", str(tmp_path / "in"),
-                      "--output", str(out), "--samples-per-shard", "7"]) == 0
+    assert (
+        prep_main(
+            [
+                "convert",
+                "--source",
+                "imagefolder",
+                "--input",
+                str(tmp_path / "in"),
+                "--output",
+                str(out),
+                "--samples-per-shard",
+                "7",
+            ]
+        )
+        == 0
+    )
     ds = sharding.open_dataset(out)
     rows = {r["key"]: r for r in _all_rows(ds)}
     excl = pq.read_table(out / "exclusions" / "exact_duplicates.parquet").to_pylist()

@@ -2,6 +2,7 @@
 
 Every sample's target is its own id, so the tests check exactly which samples each step took.
 """
+
 import functools
 import http.server
 import io
@@ -181,7 +182,9 @@ def test_truncated_shard_garbled_jpeg_and_exclusions_are_substituted_and_counted
 def test_error_rate_over_the_limit_aborts_with_a_clear_message(damaged):
     root, counts, _ = damaged
     cfg = DataConfig(**{**data_cfg(root).__dict__, "workers": 0, "max_error_rate": 0.001})
-    with pytest.raises(StreamError, match=r"unusable \(checksum=\d+, excluded=\d+, truncated=\d+\), over data.max_error_rate=0.001"):
+    with pytest.raises(
+        StreamError, match=r"unusable \(checksum=\d+, excluded=\d+, truncated=\d+\), over data.max_error_rate=0.001"
+    ):
         take(cfg, sum(counts) // GLOBAL_BATCH)
 
 
@@ -272,7 +275,7 @@ def test_eval_loader_yields_every_sample_once_across_ranks(dataset):
 def test_mixup_targets_are_mixed_one_hot_rows(dataset):
     cfg = DataConfig(**{**data_cfg(dataset).__dict__, "workers": 0, "mixup_alpha": 0.5})
     plain, _, _ = take(DataConfig(**{**cfg.__dict__, "mixup_alpha": 0.0}), 1)
-    (images, targets), = take(cfg, 1)[0]
+    ((images, targets),) = take(cfg, 1)[0]
     ids = plain[0][1]
     assert targets.shape == (GLOBAL_BATCH, sum(TRAIN) + sum(VAL)) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(GLOBAL_BATCH))
@@ -282,10 +285,10 @@ def test_mixup_targets_are_mixed_one_hot_rows(dataset):
 
 
 def test_multi_label_samples_become_multi_hot_rows():
+    from stream_dataset import jpeg
+
     from pretrain.data.loaders import SampleDecoder
     from sharding.tar_reader import ShardSample
-
-    from stream_dataset import jpeg
 
     decode = SampleDecoder(DataConfig(), 16, train=True, num_classes=5, multi_label=True)
     image, target = decode(ShardSample("k", {"jpg": jpeg(0), "labels.json": b"[0, 3]"}), (0,))

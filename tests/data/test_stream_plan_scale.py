@@ -4,6 +4,7 @@ Computed from the 15,000 per-shard counts alone; checked on sampled ranks: every
 batch every step, one reader per partition, at most two readers per shard, >= 95% of bytes
 read sequentially; planning time and peak memory are printed (pytest -s) and bounded.
 """
+
 import collections
 import time
 import tracemalloc

@@ -4,6 +4,7 @@ Uses `sharding.stream` directly (no torch): the decoder returns the sample key, 
 seeded 15% of keys, so many partitions start a resumed reader on a bad sample (the path that
 searches backwards instead of remembering).
 """
+
 import collections
 import hashlib
 

@@ -4,17 +4,18 @@ The target model is built partitioned under `deepspeed.zero.Init`, as vit-finetu
 zero.stage=3; after `fit_to_model` every rank must hold the source weights (pos-emb resampled)
 and a zero head. Rank 1 is given a corrupted copy of the source, so only rank 0's load may win.
 """
+
 import sys
 
 import deepspeed
 import torch
 import torch.distributed as dist
-
-from pretrain.runtime import distributed
-from pretrain.model.vit import build_model, create_model, model_config
-from pretrain.model.posemb import resample_posemb
-from pretrain.checkpoint.starting_weights import Source, fit_to_model
 from rank_report import report  # next to this script
+
+from pretrain.checkpoint.starting_weights import Source, fit_to_model
+from pretrain.model.posemb import resample_posemb
+from pretrain.model.vit import build_model, create_model, model_config
+from pretrain.runtime import distributed
 
 
 def main() -> int:

@@ -15,6 +15,7 @@ unused parameter moved.
 
     torchrun --nproc_per_node 2 tests/multiproc/grad_dtype_rank.py [MICRO_BATCHES]   (default 16)
 """
+
 import sys
 import types
 
@@ -22,28 +23,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
+from rank_report import report  # next to this script
 
+from pretrain.model.vit import create_model
 from pretrain.runtime import distributed
 from pretrain.zero.engine import ZeroConfig, build_engine, deepspeed_config
-from pretrain.model.vit import create_model
 from pretrain.zero.optimizer import OptimConfig
-from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
 # Which of our replacements (method name -> where it lives) says which change ran.
-CHANGES = {"reduced_in_place": "buffered_allreduce_fallback",  # pretrain/zero/patch_bf16_flat_grads.py, on the engine
-           "written_not_added": "_update_hp_grad",  # pretrain/zero/patch_bf16_flat_grads.py
-           "not_copied_back": "gradient_reduction_w_predivide"}  # pretrain/zero/patch_zero2_fp32_reduce.py
+CHANGES = {
+    "reduced_in_place": "buffered_allreduce_fallback",  # pretrain/zero/patch_bf16_flat_grads.py, on the engine
+    "written_not_added": "_update_hp_grad",  # pretrain/zero/patch_bf16_flat_grads.py
+    "not_copied_back": "gradient_reduction_w_predivide",
+}  # pretrain/zero/patch_zero2_fp32_reduce.py
 
 
-def engine_for(model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True,
-               overlap_comm: bool = False):
-    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype, overlap_comm=overlap_comm,
-                      reduce_bucket_size=20_000, allgather_bucket_size=20_000)
-    ds = deepspeed_config(zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate,
-                          clip_grad=0.0)
+def engine_for(
+    model, stage: int, grad_dtype: str, accumulate: int, world: int, ours: bool = True, overlap_comm: bool = False
+):
+    zero = ZeroConfig(
+        stage=stage,
+        precision="bf16",
+        grad_dtype=grad_dtype,
+        overlap_comm=overlap_comm,
+        reduce_bucket_size=20_000,
+        allgather_bucket_size=20_000,
+    )
+    ds = deepspeed_config(
+        zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate, clip_grad=0.0
+    )
     engine = build_engine(model, ds, PLAIN_SGD, total_steps=2)
     if not ours:  # DeepSpeed's own methods again: ours are the instance attributes from pretrain/
         for obj in (engine, engine.optimizer):
@@ -61,8 +72,9 @@ def fp32_weights(engine) -> dict[str, torch.Tensor]:
     return {k: safe_get_full_fp32_param(p).double() for k, p in engine.module.named_parameters()}
 
 
-def step_error(stage: int, grad_dtype: str, accumulate: int, rank: int, world: int,
-               ours: bool = True, overlap_comm: bool = False) -> tuple[float, dict, dict]:
+def step_error(
+    stage: int, grad_dtype: str, accumulate: int, rank: int, world: int, ours: bool = True, overlap_comm: bool = False
+) -> tuple[float, dict, dict]:
     """The step's relative error, which of our changes the engine ran, the fp32 weights after
     the step. `ours=False`: with DeepSpeed's own methods."""
     torch.manual_seed(0)
@@ -124,8 +136,11 @@ def main() -> None:
     distributed.init_process_group(distributed.detect(), 300)
     rank, world = dist.get_rank(), dist.get_world_size()
     accumulate = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-    results = {f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
-               for stage in (1, 2) for grad_dtype in ("fp32", "bf16")}
+    results = {
+        f"stage{stage}-{grad_dtype}": step_error(stage, grad_dtype, accumulate, rank, world)
+        for stage in (1, 2)
+        for grad_dtype in ("fp32", "bf16")
+    }
     # Before any ZeRO-3 engine: one leaves DeepSpeed's linear function in place for the rest of
     # the process (docs/PRETRAIN.md, "ZeRO stage and memory"), which rounds the bf16 gradients differently.
     # Also with zero.overlap_comm (DeepSpeed's reduction stream and double buckets), ours against
@@ -133,18 +148,27 @@ def main() -> None:
     as_deepspeed = {}
     for stage in (1, 2):
         for overlap in (False, True):
-            ours = results[f"stage{stage}-fp32"][2] if not overlap else \
-                step_error(stage, "fp32", accumulate, rank, world, overlap_comm=True)[2]
+            ours = (
+                results[f"stage{stage}-fp32"][2]
+                if not overlap
+                else step_error(stage, "fp32", accumulate, rank, world, overlap_comm=True)[2]
+            )
             theirs = step_error(stage, "fp32", accumulate, rank, world, ours=False, overlap_comm=overlap)[2]
             label = f"stage{stage}-fp32" + ("-overlap_comm" if overlap else "")
             as_deepspeed[label] = all(torch.equal(ours[k], theirs[k]) for k in ours)
     moved = unused_parameter_move(world)
-    results.update({f"stage3-{grad_dtype}": step_error(3, grad_dtype, accumulate, rank, world)
-                    for grad_dtype in ("fp32", "bf16")})
-    report(rank, {"errors": {k: error for k, (error, _, _) in results.items()},
-                  **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change]) for change in CHANGES},
-                  "as_deepspeed": as_deepspeed,
-                  "unused_parameter_moved": moved})
+    results.update(
+        {f"stage3-{grad_dtype}": step_error(3, grad_dtype, accumulate, rank, world) for grad_dtype in ("fp32", "bf16")}
+    )
+    report(
+        rank,
+        {
+            "errors": {k: error for k, (error, _, _) in results.items()},
+            **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change]) for change in CHANGES},
+            "as_deepspeed": as_deepspeed,
+            "unused_parameter_moved": moved,
+        },
+    )
     distributed.shutdown()  # DeepSpeed's communication threads joined before teardown
 
 

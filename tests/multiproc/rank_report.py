@@ -1,5 +1,6 @@
 """How a rank script run under torchrun hands its result to its test: one line on stdout,
 `RANK<r> <json>`, read back by the `torchrun_ranks` fixture (tests/conftest.py)."""
+
 import json
 import sys
 

@@ -8,6 +8,7 @@ is on, the writer thread starts a second late, and both ranks take another optim
 (which updates weights and Adam state in place) before the save is finished. In the
 `disk-full` run, rank 1's background writes fail.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The small collectives the trainer uses to keep ranks in agreement, over 2 real gloo processes."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """evaluate_classification / extract_features give the same answer on 2 gloo ranks as on 1."""
+
 import os
 import socket
 
@@ -8,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.evaluate import run as evaluate
 from pretrain.evaluate import metrics
+from pretrain.evaluate import run as evaluate
 
 NUM_CLASSES = 5
 DIM = 6

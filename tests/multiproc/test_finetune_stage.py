@@ -6,6 +6,7 @@ pretrained at 16 px, DeepSpeed ZeRO-1, fine-tuning at 32 px.
 - A fine-tune stopped by SIGUSR1 (checkpoint, exit 85) and started again ends bitwise
   identical to an uninterrupted one, Polyak-averaged weights included.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,16 @@ DEMO_FT = REPO / "configs" / "finetune" / "demo.yaml"
 STEPS = 24
 ARCH = dict(patch_size=4, width=64, depth=2, heads=2, mlp_dim=128, num_classes=10)
 SMALL = [f"model.{k}={v}" for k, v in ARCH.items()] + [
-    "train.epochs=0", f"train.steps={STEPS}", "train.log_every=1", "train.ema_decay=0.9",
-    "train.optim.lr=0.03", "train.optim.warmup_steps=4",
-    "checkpoint.every=8", "checkpoint.keep=5", "data.workers=0", "eval.batch_size=200",
+    "train.epochs=0",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.ema_decay=0.9",
+    "train.optim.lr=0.03",
+    "train.optim.warmup_steps=4",
+    "checkpoint.every=8",
+    "checkpoint.keep=5",
+    "data.workers=0",
+    "eval.batch_size=200",
 ]
 
 
@@ -54,8 +62,9 @@ def pretrained(shards, tmp_path_factory) -> Path:
     from pretrain.data.loaders import DataConfig, build_eval_loader
     from pretrain.model.vit import create_model
 
-    loader = build_eval_loader(DataConfig(path=str(shards), workers=0), "train", img_size=16, batch_size=512,
-                               rank=0, world_size=1)
+    loader = build_eval_loader(
+        DataConfig(path=str(shards), workers=0), "train", img_size=16, batch_size=512, rank=0, world_size=1
+    )
     batches = [(x[v.bool()], y[v.bool()]) for x, y, v in loader]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     torch.manual_seed(0)
@@ -68,19 +77,32 @@ def pretrained(shards, tmp_path_factory) -> Path:
             loss.backward()
             opt.step()
     path = tmp_path_factory.mktemp("pre") / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg))})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(path),
+        metadata={CONFIG_KEY: json.dumps(dataclasses.asdict(model.cfg))},
+    )
     return path
 
 
 def command(run_dir: Path, shards: Path, weights: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pretrain.finetune", str(DEMO_FT), f"data.path={shards}", f"run.dir={run_dir}",
-            f"init.weights={weights}", *SMALL, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pretrain.finetune",
+        str(DEMO_FT),
+        f"data.path={shards}",
+        f"run.dir={run_dir}",
+        f"init.weights={weights}",
+        *SMALL,
+        *extra,
+    ]
 
 
 def finetune(run_dir: Path, shards: Path, weights: str, *extra: str) -> subprocess.CompletedProcess:
-    p = subprocess.run(command(run_dir, shards, weights, *extra), env=env(), capture_output=True, text=True,
-                       timeout=400)
+    p = subprocess.run(
+        command(run_dir, shards, weights, *extra), env=env(), capture_output=True, text=True, timeout=400
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
@@ -118,8 +140,9 @@ def test_init_log_results_and_transfer_beats_random_init(shards, reference, tmp_
 @pytest.mark.slow
 def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, reference, tmp_path):
     run, reference = tmp_path / "run", reference[0]
-    proc = subprocess.Popen(command(run, shards, str(pretrained)), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(run, shards, str(pretrained)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while not [r for r in read_metrics(run) if r["step"] >= 10] and proc.poll() is None:
         assert time.monotonic() < deadline, "fine-tune never reached step 10"
@@ -141,7 +164,9 @@ def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, r
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_b)
     assert results(run)["results"] == results(reference)["results"]
     # the start is reported as it happened, though the resumed process did not redo it
-    assert results(run)["init"]["lines"] == [l.replace(str(reference), str(run)) for l in results(reference)["init"]["lines"]]
+    assert results(run)["init"]["lines"] == [
+        l.replace(str(reference), str(run)) for l in results(reference)["init"]["lines"]
+    ]
     curve = lambda r: {m["step"]: m["last_loss"] for m in read_metrics(r)}
     assert curve(run) == curve(reference)
 
@@ -149,13 +174,18 @@ def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, r
 def test_inspect_a_finetune_run_directory(reference, tmp_path):
     run = reference[0]
     out = tmp_path / "report"
-    p = subprocess.run([str(BIN / "vit-inspect"), str(run), "--out", str(out), "--num-images", "16"], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [str(BIN / "vit-inspect"), str(run), "--out", str(out), "--num-images", "16"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     page = (out / "index.html").read_text()
     top1 = results(run)["results"]["test"]["top1"]
-    assert f"<td>test</td><td>180</td><td>{top1:.4f}</td>" in page   # the run's results table
-    assert f"dir: {run}" in page                                       # and its config
+    assert f"<td>test</td><td>180</td><td>{top1:.4f}</td>" in page  # the run's results table
+    assert f"dir: {run}" in page  # and its config
     numbers = json.loads((out / "inspection.json").read_text())
     assert numbers["grid"] == [8, 8] and len(numbers["attention_distance"]) == ARCH["depth"]
 
@@ -164,12 +194,13 @@ def test_inspect_a_finetune_run_directory(reference, tmp_path):
 def test_linear_probe_changes_only_the_head(shards, pretrained, tmp_path):
     """Through the whole DeepSpeed path (ZeRO-2): the backbone ends exactly as loaded, with the
     position embedding exactly the bicubic resampling of the 16 px one; only the head moved."""
-    from pretrain.model.posemb import resample_posemb
     from pretrain.checkpoint.starting_weights import read_source
+    from pretrain.model.posemb import resample_posemb
 
     run = tmp_path / "run"
-    log = finetune(run, shards, str(pretrained), "init.linear_probe=true", "zero.stage=2", "train.steps=4",
-                   "train.ema_decay=0.0").stderr
+    log = finetune(
+        run, shards, str(pretrained), "init.linear_probe=true", "zero.stage=2", "train.steps=4", "train.ema_decay=0.0"
+    ).stderr
     assert "init: linear probe, 650 trainable parameters (the head)" in log
     trained = consolidated_state_dict(scan(run / "checkpoints").newest)
     start = read_source(pretrained).state

@@ -1,4 +1,5 @@
 """Starting weights load into a ZeRO-3 partitioned model, on 2 real ranks (gloo)."""
+
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

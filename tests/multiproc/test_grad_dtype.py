@@ -1,6 +1,7 @@
 """bf16 training: gradients accumulated and reduced in fp32 give the mean gradient to 1e-6; in
 bf16 they do not. 2 real ranks (gloo), ZeRO stages 1-3, 16 accumulated micro-batches. Our
 changes to DeepSpeed's reductions run where meant and change no result."""
+
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_ranks):
     assert ranks[0]["reduced_in_place"] == ["stage1-fp32"], ranks[0]
     assert ranks[0]["written_not_added"] == ["stage1-fp32"], ranks[0]
     assert ranks[0]["not_copied_back"] == ["stage2-fp32"], ranks[0]
-    assert ranks[0]["as_deepspeed"] == {"stage1-fp32": True, "stage2-fp32": True, "stage1-fp32-overlap_comm": True,
-                                        "stage2-fp32-overlap_comm": True}, ranks[0]
+    assert ranks[0]["as_deepspeed"] == {
+        "stage1-fp32": True,
+        "stage2-fp32": True,
+        "stage1-fp32-overlap_comm": True,
+        "stage2-fp32-overlap_comm": True,
+    }, ranks[0]
     # Step 1's gradient of a parameter unused in step 2 does not step it again.
     assert ranks[0]["unused_parameter_moved"] == 0.0, ranks[0]
     for stage in (1, 2, 3):

@@ -5,6 +5,7 @@ applied afterwards by a parent (timm's `named_apply` style) would write into emp
 shards and leave PyTorch's default init in place. Two real gloo ranks build the model
 partitioned, gather it and check the values.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, math, os, sys
 import deepspeed, torch
 from pretrain.runtime import distributed
@@ -45,7 +46,7 @@ with deepspeed.zero.GatheredParameters(list(params.values())):
 if torch.distributed.get_rank() == 0:
     print("STATS " + json.dumps(stats), flush=True)
 distributed.shutdown()  # leave the group before exit, as the training stages do
-'''
+"""
 
 
 def _free_port() -> int:
@@ -62,11 +63,14 @@ def test_jax_init_holds_under_zero3_partitioned_construction(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("STATS "))
-    stats = json.loads(line[len("STATS "):])
+    stats = json.loads(line[len("STATS ") :])
     assert stats["partitioned"]
     assert stats["head_weight_absmax"] == 0.0 and stats["head_bias"] == [-10.0]
     assert stats["cls_absmax"] == 0.0

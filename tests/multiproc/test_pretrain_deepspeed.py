@@ -5,6 +5,7 @@ variables a launcher exports (RANK, WORLD_SIZE, MASTER_ADDR/PORT), so each rank'
 code is seen directly; processes are killed with SIGKILL (no handler runs) to test that
 resuming is exact.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,22 @@ STEPS = 12
 
 # A small model and short run; everything else is the demo recipe.
 SMALL = [
-    "model.depth=2", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.dropout=0.1",
-    f"train.steps={STEPS}", "train.batch_size=32", "train.log_every=1", "train.optim.warmup_steps=3", "train.optim.lr=3e-3",
-    "checkpoint.every=2", "checkpoint.keep=20", "data.workers=0",
-    "eval.max_batches=1", "eval.fewshot_shots=[]", "eval.batch_size=64",
+    "model.depth=2",
+    "model.width=64",
+    "model.heads=2",
+    "model.mlp_dim=128",
+    "model.dropout=0.1",
+    f"train.steps={STEPS}",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.optim.warmup_steps=3",
+    "train.optim.lr=3e-3",
+    "checkpoint.every=2",
+    "checkpoint.keep=20",
+    "data.workers=0",
+    "eval.max_batches=1",
+    "eval.fewshot_shots=[]",
+    "eval.batch_size=64",
 ]
 
 
@@ -54,13 +67,29 @@ def start(run_dir: Path, shards: Path, *extra: str, ranks: int = 2) -> list[subp
     """One process per rank with the variables a launcher (torchrun, srun via the template) exports."""
     log = run_dir.parent / f"{run_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pretrain.train", str(DEMO), f"data.path={shards}", f"run.dir={run_dir}", *SMALL, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        str(DEMO),
+        f"data.path={shards}",
+        f"run.dir={run_dir}",
+        *SMALL,
+        *extra,
+    ]
     port = _free_port()
     procs = []
     with open(log, "w") as out:
         for rank in range(ranks):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(ranks),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
@@ -225,8 +254,13 @@ def test_two_ranks_resume_on_one_rank(shards, tmp_path, precision):
     params = sorted(d.name for d in b.iterdir() if (d / "exp_avg.pt").exists())
     assert len(params) > 20 and params == sorted(d.name for d in a.iterdir() if (d / "exp_avg.pt").exists())
     # ds_to_universal writes these with torch.save of plain dicts; they are our own files.
-    pairs = {moment: [tuple(torch.load(side / name / f"{moment}.pt", weights_only=False)["param"] for side in (a, b))
-                      for name in params] for moment in ("fp32", "exp_avg", "exp_avg_sq")}
+    pairs = {
+        moment: [
+            tuple(torch.load(side / name / f"{moment}.pt", weights_only=False)["param"] for side in (a, b))
+            for name in params
+        ]
+        for moment in ("fp32", "exp_avg", "exp_avg_sq")
+    }
     assert_resumed_state_close(pairs, precision)
     assert_same_schedule(one, two, 8)
 

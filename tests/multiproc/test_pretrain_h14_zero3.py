@@ -6,6 +6,7 @@ largest sum of proportional set sizes (PSS: resident memory with each shared pag
 among the processes sharing it, so DeepSpeed's shared-memory buffers and the libraries
 count once) over the launcher and both ranks, sampled every 100 ms.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,34 @@ LIMIT_BYTES = 22 * 2**30
 
 H14 = [
     # Every architecture field, since the demo recipe this starts from sets its own.
-    "model.name=vit_h14", "model.patch_size=14", "model.width=1280", "model.depth=32", "model.heads=16",
-    "model.mlp_dim=5120", "model.img_size=28", "model.num_classes=10", "model.representation_size=null",
-    "model.dropout=0.0", "zero.stage=3", "zero.precision=bf16",
-    "zero.reduce_bucket_size=20000000", "zero.allgather_bucket_size=20000000",
-    "zero.prefetch_bucket_size=20000000", "zero.max_live_parameters=50000000", "zero.sub_group_size=50000000",
-    "train.batch_size=4", "train.log_every=1", "train.optim.warmup_steps=2", "train.loss=sigmoid",
-    "checkpoint.every=3", "checkpoint.keep=1", "data.workers=0", "data.shuffle_buffer=16",
-    "eval.max_batches=1", "eval.batch_size=4", "eval.fewshot_shots=[]",
+    "model.name=vit_h14",
+    "model.patch_size=14",
+    "model.width=1280",
+    "model.depth=32",
+    "model.heads=16",
+    "model.mlp_dim=5120",
+    "model.img_size=28",
+    "model.num_classes=10",
+    "model.representation_size=null",
+    "model.dropout=0.0",
+    "zero.stage=3",
+    "zero.precision=bf16",
+    "zero.reduce_bucket_size=20000000",
+    "zero.allgather_bucket_size=20000000",
+    "zero.prefetch_bucket_size=20000000",
+    "zero.max_live_parameters=50000000",
+    "zero.sub_group_size=50000000",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.optim.warmup_steps=2",
+    "train.loss=sigmoid",
+    "checkpoint.every=3",
+    "checkpoint.keep=1",
+    "data.workers=0",
+    "data.shuffle_buffer=16",
+    "eval.max_batches=1",
+    "eval.batch_size=4",
+    "eval.fewshot_shots=[]",
 ]
 
 
@@ -74,9 +95,18 @@ def _free_port() -> int:
 
 
 def launch(run_dir: Path, shards: Path, steps: int) -> tuple[int, float]:
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}", "-m", "pretrain.train",
-           str(REPO / "configs/pretrain/demo.yaml"), f"data.path={shards}", f"run.dir={run_dir}", *H14,
-           f"train.steps={steps}"]
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "pretrain.train",
+        str(REPO / "configs/pretrain/demo.yaml"),
+        f"data.path={shards}",
+        f"run.dir={run_dir}",
+        *H14,
+        f"train.steps={steps}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.monotonic()
     with open(run_dir.parent / f"launch-{steps}.log", "w") as log:
@@ -105,9 +135,13 @@ def test_vit_h14_zero3_two_cpu_ranks_fit_in_22gb(shards, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(r["last_loss"] == r["last_loss"] and abs(r["last_loss"]) < 1e4 for r in rows)  # finite
     gib = 2**30
-    report = {"peak_gib_first": round(peak1 / gib, 2), "peak_gib_resume": round(peak2 / gib, 2),
-              "seconds_first": round(secs1), "seconds_resume": round(secs2),
-              "checkpoint_gib": round(checkpoint_bytes / gib, 2)}
+    report = {
+        "peak_gib_first": round(peak1 / gib, 2),
+        "peak_gib_resume": round(peak2 / gib, 2),
+        "seconds_first": round(secs1),
+        "seconds_resume": round(secs2),
+        "checkpoint_gib": round(checkpoint_bytes / gib, 2),
+    }
     print("ViT-H/14 ZeRO-3 2 ranks:", report)
     assert report["checkpoint_gib"] > 6  # the whole H/14 training state was saved (bf16 + fp32 Adam)
     assert max(peak1, peak2) <= LIMIT_BYTES, report

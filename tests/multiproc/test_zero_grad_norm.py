@@ -1,4 +1,5 @@
 """The fused clipping norm equals DeepSpeed's and the true one, on 2 real ranks (gloo), at every ZeRO stage."""
+
 import math
 from pathlib import Path
 

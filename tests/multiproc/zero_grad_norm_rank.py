@@ -16,18 +16,19 @@ ZeRO-1 with fp32 gradients (BF16_Optimizer) the norm over whole gradient buffers
 DeepSpeed's per-parameter one.
 Prints one JSON line.
 """
+
 import math
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_report import report  # next to this script
 
+from pretrain.model.vit import create_model
 from pretrain.runtime import distributed
 from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config
-from pretrain.model.vit import create_model
 from pretrain.zero.optimizer import OptimConfig, param_groups
-from rank_report import report  # next to this script
 
 ARCH = dict(img_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
 
@@ -84,15 +85,23 @@ def check_stage(stage: int, rank: int, world: int) -> dict:
         sentinels[label] = opt.get_grad_norm_direct(*args[0]).item()
     first.view(-1)[0] = saved
     engine.step()
-    return {"installed": "get_grad_norm_direct" in vars(opt), "reduce_scatter": opt.reduce_scatter,
-            "ours": ours, "deepspeed": theirs, "sentinels": sentinels, "engine_norm": float(engine.get_global_grad_norm())}
+    return {
+        "installed": "get_grad_norm_direct" in vars(opt),
+        "reduce_scatter": opt.reduce_scatter,
+        "ours": ours,
+        "deepspeed": theirs,
+        "sentinels": sentinels,
+        "engine_norm": float(engine.get_global_grad_norm()),
+    }
 
 
 def check_stage0(rank: int, world: int) -> dict:
     """No ZeRO optimizer: the engine's own clip, replaced, must report the norm it clipped with."""
     ds = deepspeed_config(ZeroConfig(stage=0), global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
     torch.manual_seed(0)
-    engine = build_engine(nonzero_head(create_model("vit_ti16", **ARCH)), ds, OptimConfig(warmup_steps=1), total_steps=3)
+    engine = build_engine(
+        nonzero_head(create_model("vit_ti16", **ARCH)), ds, OptimConfig(warmup_steps=1), total_steps=3
+    )
     x, y = rank_batch(rank)
     engine.backward(F.cross_entropy(engine(x), y))
     engine.step()
@@ -103,14 +112,18 @@ def check_stage0(rank: int, world: int) -> dict:
     engine.backward(F.cross_entropy(engine(x), y))
     engine.step()
     bad = engine.get_global_grad_norm()
-    return {"installed": "clip_fp32_gradients" in vars(engine), "engine_norm": None if norm is None else float(norm),
-            "nonfinite_norm": None if bad is None else str(float(bad))}
+    return {
+        "installed": "clip_fp32_gradients" in vars(engine),
+        "engine_norm": None if norm is None else float(norm),
+        "nonfinite_norm": None if bad is None else str(float(bad)),
+    }
 
 
 def bf16_engine(stage: int, grad_dtype: str, world: int):
     """A bf16 engine as vit-pretrain builds it, small buckets, clipping at 1, 3 scheduled steps."""
-    zero = ZeroConfig(stage=stage, precision="bf16", grad_dtype=grad_dtype,
-                      reduce_bucket_size=20_000, allgather_bucket_size=20_000)
+    zero = ZeroConfig(
+        stage=stage, precision="bf16", grad_dtype=grad_dtype, reduce_bucket_size=20_000, allgather_bucket_size=20_000
+    )
     ds = deepspeed_config(zero, global_batch=4 * world, micro_batch=4, grad_accum=1, clip_grad=1.0)
     torch.manual_seed(0)
     return build_engine(nonzero_head(create_model("vit_ti16", **ARCH)), ds, OptimConfig(warmup_steps=1), total_steps=3)
@@ -128,8 +141,13 @@ def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
     ours = get_global_norm_of_tensors(opt.get_grads_for_norm()[0]).item()
     theirs = get_global_norm_of_tensors(type(opt).get_grads_for_norm(opt)[0]).item()
     engine.step()
-    return {"optimizer": type(opt).__name__, "installed": "get_grads_for_norm" in vars(opt), "ours": ours,
-            "deepspeed": theirs, "engine_norm": float(engine.get_global_grad_norm())}
+    return {
+        "optimizer": type(opt).__name__,
+        "installed": "get_grads_for_norm" in vars(opt),
+        "ours": ours,
+        "deepspeed": theirs,
+        "engine_norm": float(engine.get_global_grad_norm()),
+    }
 
 
 def check_bf16_overflow(stage: int, grad_dtype: str, rank: int, world: int) -> dict:
@@ -150,8 +168,14 @@ def check_bf16_overflow(stage: int, grad_dtype: str, rank: int, world: int) -> d
     if hook is not None:
         hook.remove()
     moved, norm = step()
-    return {"optimizer": type(engine.optimizer).__name__, "scan_dropped": "check_overflow" in vars(engine.optimizer),
-            "bad_moved": bad_moved, "bad_norm": str(bad_norm), "moved": moved, "norm": norm}
+    return {
+        "optimizer": type(engine.optimizer).__name__,
+        "scan_dropped": "check_overflow" in vars(engine.optimizer),
+        "bad_moved": bad_moved,
+        "bad_norm": str(bad_norm),
+        "moved": moved,
+        "norm": norm,
+    }
 
 
 def main() -> int:

@@ -3,6 +3,7 @@
 A missing SLURM or munge binary makes start.sh fail, and with it every test that uses the
 cluster: the system tier never skips for want of its tools.
 """
+
 from __future__ import annotations
 
 import os
@@ -100,9 +101,19 @@ TINY_STEPS = 120
 # The demo recipe with a tiny model: a step is fast, and there are enough of them that a
 # signal sent a few steps in lands mid-run.
 TINY_PRETRAIN = [
-    "model.depth=2", "model.width=32", "model.heads=2", "model.mlp_dim=64",
-    f"train.steps={TINY_STEPS}", "train.batch_size=16", "train.log_every=1", "train.optim.warmup_steps=3",
-    "checkpoint.every=40", "checkpoint.keep=2", "data.workers=0", "eval.every=0", "eval.fewshot_shots=[]",
+    "model.depth=2",
+    "model.width=32",
+    "model.heads=2",
+    "model.mlp_dim=64",
+    f"train.steps={TINY_STEPS}",
+    "train.batch_size=16",
+    "train.log_every=1",
+    "train.optim.warmup_steps=3",
+    "checkpoint.every=40",
+    "checkpoint.keep=2",
+    "data.workers=0",
+    "eval.every=0",
+    "eval.fewshot_shots=[]",
 ]
 
 
@@ -110,8 +121,19 @@ TINY_PRETRAIN = [
 def digits_shards(tmp_path_factory) -> Path:
     """The demo dataset converted by hand (one process)."""
     out = tmp_path_factory.mktemp("digits") / "shards"
-    subprocess.run([str(BIN / "vit-prep"), "convert", "--config", str(REPO / "configs" / "prep" / "digits.yaml"),
-                    "--output", str(out)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            str(BIN / "vit-prep"),
+            "convert",
+            "--config",
+            str(REPO / "configs" / "prep" / "digits.yaml"),
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out
 
 
@@ -120,8 +142,13 @@ def torchrun(module: str, *args: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m", module, *args],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m", module, *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -153,6 +180,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
 @pytest.fixture(scope="session")
 def runs():
     """The helpers above, for test modules (which cannot import this conftest by name)."""
-    return types.SimpleNamespace(bin=BIN, pretrain_demo=PRETRAIN_DEMO, steps=TINY_STEPS, tiny_pretrain=TINY_PRETRAIN,
-                                 torchrun=torchrun, final_weights=final_weights,
-                                 assert_same_weights=assert_same_weights)
+    return types.SimpleNamespace(
+        bin=BIN,
+        pretrain_demo=PRETRAIN_DEMO,
+        steps=TINY_STEPS,
+        tiny_pretrain=TINY_PRETRAIN,
+        torchrun=torchrun,
+        final_weights=final_weights,
+        assert_same_weights=assert_same_weights,
+    )

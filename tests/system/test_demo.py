@@ -4,6 +4,7 @@ The full demo (60 + 15 epochs) is the `make demo` command's job; here every stag
 for real with fewer epochs, and the interrupted first attempt must leave nothing that the
 rerun trips over.
 """
+
 import json
 import os
 import random
@@ -20,8 +21,9 @@ QUICK = ["--pretrain", "train.epochs=8", "checkpoint.every=20", "--finetune", "t
 def demo(out, *extra, **kw):
     cmd = [sys.executable, "-m", "pretrain.demo", "--out", str(out), *QUICK, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw
+    )
 
 
 def interrupt_during_pretraining(out, proc, rng):

@@ -4,6 +4,7 @@ resumed, preemption by a job of the high partition (SIGTERM, GraceTime, kill). E
 ranks save and exit 85 and the job requeues itself; it must end with exactly the weights of
 an uninterrupted run started by hand (torchrun, 2 ranks). One job for both keeps the tier
 within its time budget: every (re)start of the trainer costs tens of seconds here."""
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,19 @@ SLURM = ["slurm.nodes=2", "slurm.cpus_per_task=2", 'slurm.time="10:00"', "slurm.
 
 
 def submit(runs, run: Path, shards: Path) -> str:
-    p = subprocess.run([str(runs.bin / "vit-submit"), "pretrain", str(runs.pretrain_demo), f"data.path={shards}",
-                        f"run.dir={run}", *runs.tiny_pretrain, *SLURM], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            str(runs.bin / "vit-submit"),
+            "pretrain",
+            str(runs.pretrain_demo),
+            f"data.path={shards}",
+            f"run.dir={run}",
+            *runs.tiny_pretrain,
+            *SLURM,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     return re.search(r"submitted \S+: job (\d+)", p.stdout).group(1)
 
@@ -49,8 +61,9 @@ def last_step(run: Path) -> int:
     return max((r["step"] for r in read_metrics(run)), default=0)
 
 
-def test_warning_signal_then_preemption_resume_to_identical_weights(slurm_cluster, runs, digits_shards,
-                                                                    pretrain_by_hand, tmp_path):
+def test_warning_signal_then_preemption_resume_to_identical_weights(
+    slurm_cluster, runs, digits_shards, pretrain_by_hand, tmp_path
+):
     run = tmp_path / "run"
     job_id = submit(runs, run, digits_shards)
 
@@ -64,8 +77,15 @@ def test_warning_signal_then_preemption_resume_to_identical_weights(slurm_cluste
 
     # 2. Preemption: a high-partition job needs both nodes; the low job gets SIGTERM.
     wait_for(lambda: last_step(run) >= first_save + 3, f"step {first_save + 3} after resuming")
-    high = slurm_cluster.sbatch("--partition=high", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
-                                f"--output={tmp_path}/high-%j.out", "--wrap", "srun true")
+    high = slurm_cluster.sbatch(
+        "--partition=high",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/high-%j.out",
+        "--wrap",
+        "srun true",
+    )
     slurm_cluster.wait_state(high, {"COMPLETED"}, timeout=90)
     info = slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=150)
     assert info["Restarts"] == "2"

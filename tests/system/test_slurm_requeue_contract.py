@@ -3,6 +3,7 @@ honours the trainer's contract (save on SIGUSR1/SIGTERM, exit EXIT_REQUEUE, resu
 saved state). This tests the SLURM layer alone: the batch-shell warning signal reaching
 the ranks, self-requeue, the requeue limit, per-restart logs; test_slurm_pretrain.py runs the
 same template with the real trainer (step signal, preemption)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.runtime.signals import EXIT_REQUEUE
-from vitscale_common.slurm_config import SlurmConfig
 from slurm.render import JobSpec, render
+from vitscale_common.slurm_config import SlurmConfig
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,14 @@ def submit(cluster, tmp_path: Path, **slurm) -> str:
     # The limit is well beyond signal_seconds (300), so SLURM's own warning timer never fires
     # during a test: the only warning signal is the one the test sends.
     cfg = SlurmConfig(nodes=2, cpus_per_task=2, time="15:00", **slurm)
-    job = JobSpec("pretrain", "contract", [sys.executable, str(tmp_path / "rank_program.py"), str(tmp_path), str(STEPS)],
-                  cfg, tmp_path / "logs", "test")
+    job = JobSpec(
+        "pretrain",
+        "contract",
+        [sys.executable, str(tmp_path / "rank_program.py"), str(tmp_path), str(STEPS)],
+        cfg,
+        tmp_path / "logs",
+        "test",
+    )
     (tmp_path / "logs").mkdir()
     (tmp_path / "job.sbatch").write_text(render(job))
     return cluster.sbatch(tmp_path / "job.sbatch")
@@ -82,7 +89,8 @@ def test_warning_signal_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     assert "restart 0 on" in out and "restart 1 on" in out and f"step exited with {EXIT_REQUEUE}" in out
     # One log per rank and restart.
     assert sorted(p.name for p in (tmp_path / "logs").glob("*.log")) == [
-        f"contract-{job_id}-r{i}-{r}.log" for i in (0, 1) for r in (0, 1)]
+        f"contract-{job_id}-r{i}-{r}.log" for i in (0, 1) for r in (0, 1)
+    ]
 
 
 def test_requeue_limit_fails_the_job(slurm_cluster, tmp_path):

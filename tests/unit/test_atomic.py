@@ -1,4 +1,5 @@
 """Atomic writes: the final name holds the old or the complete new content, never a torn file."""
+
 import os
 import socket
 import subprocess

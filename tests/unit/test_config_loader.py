@@ -1,4 +1,5 @@
 """The typed config loader: composition order, overrides, and one-line errors naming the key."""
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 

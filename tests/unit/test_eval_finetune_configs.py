@@ -1,4 +1,5 @@
 """The downstream fine-tune recipes load through the fine-tune schema and state the paper's recipe."""
+
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,14 @@ from pretrain.finetune.stage import load_finetune_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 
 
-@pytest.mark.parametrize("name,classes,steps,eval_split", [
-    ("imagenet1k_384", 1000, 20000, "val"),
-    ("pets_384", 37, 500, "test"),
-    ("flowers_384", 102, 500, "test"),
-])
+@pytest.mark.parametrize(
+    "name,classes,steps,eval_split",
+    [
+        ("imagenet1k_384", 1000, 20000, "val"),
+        ("pets_384", 37, 500, "test"),
+        ("flowers_384", 102, 500, "test"),
+    ],
+)
 def test_downstream_recipe(name, classes, steps, eval_split):
     cfg = load_finetune_config([CONFIGS / f"{name}.yaml"], ["init.weights=runs/x", "data.path=shards/x"])
     assert (cfg.model.img_size, cfg.model.num_classes, cfg.model.representation_size) == (384, classes, None)

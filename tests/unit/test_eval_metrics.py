@@ -1,4 +1,5 @@
 """Evaluation metrics against their definitions and independent references."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +10,13 @@ from pretrain.evaluate import metrics
 
 
 def test_topk_counts_single_label():
-    logits = torch.tensor([[0.1, 0.9, 0.0, 0.5],   # top1=1, top2={1,3}
-                           [0.8, 0.1, 0.05, 0.0],  # top1=0, top2={0,1}
-                           [0.2, 0.3, 0.4, 0.1]])  # top1=2, top2={2,1}
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.5],  # top1=1, top2={1,3}
+            [0.8, 0.1, 0.05, 0.0],  # top1=0, top2={0,1}
+            [0.2, 0.3, 0.4, 0.1],
+        ]
+    )  # top1=2, top2={2,1}
     targets = torch.tensor([1, 1, 0])
     assert metrics.topk_correct(logits, targets, ks=(1, 2, 4)) == {1: 1, 2: 2, 4: 3}
 

@@ -1,4 +1,5 @@
 """Downstream release layouts read from small fakes that copy the official names and formats."""
+
 import zlib
 
 import numpy as np
@@ -44,7 +45,16 @@ def _fake_imagenet(root, val_layout="flat"):
                 _jpeg(root / "train" / wnid / f"{wnid}_{i}.JPEG")
     devkit = root / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     table = np.zeros(len(META), dtype=[(f, "O") for f in fields])
     for row, (sid, wnid, words, children) in zip(table, META):
         row["ILSVRC2012_ID"], row["WNID"], row["words"], row["gloss"] = sid, wnid, words, "a " + words
@@ -100,15 +110,21 @@ def test_imagenet_flat_val_without_devkit_names_it(tmp_path):
 
 # --------------------------------------------------------------------------- Pets
 PETS = [  # (image, 1-based class id, species, breed id)
-    ("Abyssinian_100", 1, 1, 1), ("Abyssinian_101", 1, 1, 1), ("american_bulldog_10", 2, 2, 1),
-    ("american_bulldog_100", 2, 2, 1), ("american_pit_bull_terrier_1", 3, 2, 2), ("american_pit_bull_terrier_12", 3, 2, 2),
+    ("Abyssinian_100", 1, 1, 1),
+    ("Abyssinian_101", 1, 1, 1),
+    ("american_bulldog_10", 2, 2, 1),
+    ("american_bulldog_100", 2, 2, 1),
+    ("american_pit_bull_terrier_1", 3, 2, 2),
+    ("american_pit_bull_terrier_12", 3, 2, 2),
 ]
 
 
 def _fake_pets(root):
     ann = root / "annotations"
     ann.mkdir(parents=True)
-    header = "#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n#SPECIES: 1:Cat 2:Dog\n#BREED ID: 1-25:Cat 1:12:Dog\n"
+    header = (
+        "#Image CLASS-ID SPECIES BREED ID\n#ID: 1:37 Class ids\n#SPECIES: 1:Cat 2:Dog\n#BREED ID: 1-25:Cat 1:12:Dog\n"
+    )
     row = lambda r: " ".join(map(str, r)) + "\n"
     (ann / "list.txt").write_text(header + "".join(row(r) for r in PETS))
     (ann / "trainval.txt").write_text("".join(row(r) for r in PETS[::2]))
@@ -122,8 +138,11 @@ def test_pets_labels_are_zero_based_class_ids(tmp_path):
     listing = read_pets(tmp_path)
     assert listing.split_counts() == {"train": 3, "test": 3}
     assert [c.name for c in listing.classes] == ["Abyssinian", "american_bulldog", "american_pit_bull_terrier"]
-    assert _labels(listing, "train") == {"images/Abyssinian_100.jpg": 0, "images/american_bulldog_10.jpg": 1,
-                                         "images/american_pit_bull_terrier_1.jpg": 2}
+    assert _labels(listing, "train") == {
+        "images/Abyssinian_100.jpg": 0,
+        "images/american_bulldog_10.jpg": 1,
+        "images/american_pit_bull_terrier_1.jpg": 2,
+    }
     assert _labels(listing, "test")["images/american_bulldog_100.jpg"] == 1
     assert all(listing.path(it).is_file() for it in listing.items)
 
@@ -141,8 +160,14 @@ def _fake_flowers(root):
     root.mkdir(parents=True, exist_ok=True)
     labels = np.array([[3, 1, 2, 3, 1, 2, 102, 5]], dtype=np.uint8)  # 1-based, shape (1, N) as released
     scipy.io.savemat(root / "imagelabels.mat", {"labels": labels})
-    scipy.io.savemat(root / "setid.mat", {"trnid": np.array([[1, 2, 7]], np.uint16), "valid": np.array([[3, 4]], np.uint16),
-                                           "tstid": np.array([[5, 6, 8]], np.uint16)})
+    scipy.io.savemat(
+        root / "setid.mat",
+        {
+            "trnid": np.array([[1, 2, 7]], np.uint16),
+            "valid": np.array([[3, 4]], np.uint16),
+            "tstid": np.array([[5, 6, 8]], np.uint16),
+        },
+    )
     for n in range(1, labels.size + 1):
         _jpeg(root / "jpg" / f"image_{n:05d}.jpg")
 
@@ -165,11 +190,14 @@ def test_flowers_missing_setid_names_it(tmp_path):
 
 
 # --------------------------------------------------------------------------- as convert sources
-@pytest.mark.parametrize("kind,make,counts", [
-    ("pets", _fake_pets, {"train": 3, "test": 3}),
-    ("flowers", _fake_flowers, {"train": 3, "val": 2, "test": 3}),
-    ("imagenet1k", _fake_imagenet, {"train": 12, "val": 6}),
-])
+@pytest.mark.parametrize(
+    "kind,make,counts",
+    [
+        ("pets", _fake_pets, {"train": 3, "test": 3}),
+        ("flowers", _fake_flowers, {"train": 3, "val": 2, "test": 3}),
+        ("imagenet1k", _fake_imagenet, {"train": 12, "val": 6}),
+    ],
+)
 def test_registered_as_convert_sources(tmp_path, kind, make, counts):
     from data_prep.sources import SourceConfig, build_source
 

@@ -1,12 +1,13 @@
 """The fine-tune recipes: paper defaults, model/resolution overlays, the demo's consistency with
 the demo pretraining, and InitConfig validation."""
+
 from pathlib import Path
 
 import pytest
 
-from pretrain.train.config import load_pretrain_config
 from pretrain.finetune.stage import freeze_backbone, load_finetune_config
 from pretrain.model.vit import create_model
+from pretrain.train.config import load_pretrain_config
 from vitscale_common.config_loader import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -27,15 +28,23 @@ def test_cifar_recipes(name, classes):
     cfg = load_finetune_config([FT / f"{name}.yaml"], PATHS)
     assert (cfg.model.name, cfg.model.img_size, cfg.model.num_classes) == ("vit_b16", 384, classes)
     assert cfg.model.grid_size == (24, 24) and cfg.model.representation_size is None
-    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.optim.name, cfg.train.optim.weight_decay) == (10000, 512, "sgd", 0.0)
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.optim.name, cfg.train.optim.weight_decay) == (
+        10000,
+        512,
+        "sgd",
+        0.0,
+    )
     assert cfg.data.eval_split == "test"
 
 
-@pytest.mark.parametrize("overlay,width,grid,ema", [
-    ("vit_b16_384", 768, (24, 24), 0.0),
-    ("vit_l16_512", 1024, (32, 32), 0.9999),
-    ("vit_h14_518", 1280, (37, 37), 0.9999),
-])
+@pytest.mark.parametrize(
+    "overlay,width,grid,ema",
+    [
+        ("vit_b16_384", 768, (24, 24), 0.0),
+        ("vit_l16_512", 1024, (32, 32), 0.9999),
+        ("vit_h14_518", 1280, (37, 37), 0.9999),
+    ],
+)
 def test_model_overlays_on_a_task_recipe(overlay, width, grid, ema):
     cfg = load_finetune_config([FT / "cifar10_384.yaml", FT / f"{overlay}.yaml"], PATHS)
     assert cfg.model.width == width and cfg.model.grid_size == grid

@@ -1,13 +1,14 @@
 """Starting a fine-tune: identity at the same resolution, interpolation at twice the
 resolution (paper 3.2) against re-initialised position embeddings, and clear errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.vit import create_model
 from pretrain.checkpoint.starting_weights import Source, fit_to_model
+from pretrain.model.vit import create_model
 from vitscale_common.errors import UserError
 
 TINY = dict(patch_size=4, width=64, depth=4, heads=4, mlp_dim=128)
@@ -18,8 +19,9 @@ def tiny(img_size=16, **overrides):
 
 
 def source_of(model, kind="export") -> Source:
-    return Source(path=f"<{kind}>", kind=kind, state={k: v.clone() for k, v in model.state_dict().items()},
-                  model=model.cfg)
+    return Source(
+        path=f"<{kind}>", kind=kind, state={k: v.clone() for k, v in model.state_dict().items()}, model=model.cfg
+    )
 
 
 def test_same_resolution_reproduces_features_and_logits_exactly():
@@ -44,8 +46,10 @@ def test_same_resolution_reproduces_features_and_logits_exactly():
     # pre-logits kept: the representation the head sees is identical too
     rep = tiny(num_classes=7, representation_size=32).eval()
     fit_to_model(source_of(pre), rep)
-    assert torch.equal(rep.forward_head(rep.forward_features(x), pre_logits=True),
-                       pre.forward_head(pre.forward_features(x), pre_logits=True))
+    assert torch.equal(
+        rep.forward_head(rep.forward_features(x), pre_logits=True),
+        pre.forward_head(pre.forward_features(x), pre_logits=True),
+    )
 
 
 def test_resolution_change_resamples_and_is_reported():
@@ -54,7 +58,7 @@ def test_resolution_change_resamples_and_is_reported():
     big = tiny(img_size=32)
     report = fit_to_model(source_of(pre), big, posemb_method="linear")
     assert big.pos_embed.shape == (1, 1 + 64, 64)
-    assert torch.equal(big.pos_embed[:, :1], pre.pos_embed[:, :1])           # class token row kept
+    assert torch.equal(big.pos_embed[:, :1], pre.pos_embed[:, :1])  # class token row kept
     assert report.grid == ((4, 4), (8, 8)) and report.resolution == ((16, 16), (32, 32))
     assert report.posemb == "resampled (linear)"
     # linear resampling keeps the corner embeddings (align_corners semantics of scipy zoom)
@@ -83,7 +87,7 @@ def digits(size: int):
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0          # (N, 1, 8, 8) in [0, 1]
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
     return (x - 0.5) / 0.5, torch.tensor(d.target)
 
@@ -158,8 +162,10 @@ def test_interpolated_posemb_keeps_accuracy_at_twice_the_resolution(pretrained_1
     results["reinit"] = top1(reinit, x32[test], y[test])
     # For the record (docs/FINETUNE.md), not asserted: position information removed outright
     # (every patch gets the mean interpolated embedding) and scrambled (a random permutation).
-    for name, scramble in (("mean", lambda e: e.mean(1, keepdim=True).expand_as(e)),
-                           ("permuted", lambda e: e[:, torch.randperm(e.shape[1], generator=torch.Generator().manual_seed(0))])):
+    for name, scramble in (
+        ("mean", lambda e: e.mean(1, keepdim=True).expand_as(e)),
+        ("permuted", lambda e: e[:, torch.randperm(e.shape[1], generator=torch.Generator().manual_seed(0))]),
+    ):
         probe = tiny(img_size=32)
         fit_to_model(source_of(model), probe, reset_head=False)
         with torch.no_grad():

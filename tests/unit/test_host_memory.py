@@ -1,4 +1,5 @@
 """Host memory reuse: a freed model-sized buffer is handed out again without new page faults."""
+
 import platform
 import subprocess
 import sys

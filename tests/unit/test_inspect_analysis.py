@@ -1,4 +1,5 @@
 """The numbers behind the inspection figures, checked against constructed cases."""
+
 from __future__ import annotations
 
 import math
@@ -7,15 +8,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pretrain.inspection.attention import (attention_maps, attention_rollout, mean_attention_distance,
-                                        output_token_map, patch_distances)
+from pretrain.inspection.attention import (
+    attention_maps,
+    attention_rollout,
+    mean_attention_distance,
+    output_token_map,
+    patch_distances,
+)
 from pretrain.inspection.embeddings import filter_components, posemb_similarity
 
 
 def smooth_posemb(grid: int, dim: int = 64) -> torch.Tensor:
     """2D sinusoidal embeddings of low frequency: nearby positions get similar vectors."""
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     freqs = torch.linspace(0.05, 0.4, dim // 4, dtype=torch.float64)
     feats = [f(c[..., None] * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)]
     pe = torch.cat(feats, dim=-1).reshape(1, grid * grid, dim)
@@ -53,7 +60,7 @@ def attention_with_prefix(patch_attn: torch.Tensor) -> torch.Tensor:
     n = patch_attn.shape[0]
     a = torch.zeros(1, 1, n + 1, n + 1, dtype=torch.float64)
     a[0, 0, 0, :] = 1.0 / (n + 1)
-    a[0, 0, 1:, 0] = 0.3                               # dropped and renormalised away
+    a[0, 0, 1:, 0] = 0.3  # dropped and renormalised away
     a[0, 0, 1:, 1:] = 0.7 * patch_attn
     return a
 
@@ -81,7 +88,7 @@ def test_uniform_head_gives_the_grid_mean_distance():
 
 def test_attention_rollout_matches_hand_computation():
     # Two layers, two tokens, one head each; residual weight 0.5.
-    a1 = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])    # swap
+    a1 = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]]])  # swap
     a2 = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]])
     # layer 1: 0.5 I + 0.5 A1 = [[.5,.5],[.5,.5]]; layer 2: 0.5 I + 0.5 A2 = [[.75,.25],[0,1]]
     # rollout = L2 @ L1 = [[.5,.5],[.5,.5]]
@@ -104,8 +111,8 @@ def test_output_token_map_reads_the_class_token_row():
 
 def test_filter_components_are_orthonormal_and_ordered():
     torch.manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(48, 3))[0].T               # 3 orthonormal directions
-    coeffs = torch.randn(64, 3) * torch.tensor([10.0, 3.0, 1.0])    # decreasing variance
+    basis = torch.linalg.qr(torch.randn(48, 3))[0].T  # 3 orthonormal directions
+    coeffs = torch.randn(64, 3) * torch.tensor([10.0, 3.0, 1.0])  # decreasing variance
     w = (coeffs @ basis).reshape(64, 3, 4, 4) + 0.001 * torch.randn(64, 3, 4, 4)
     pcs = filter_components(w, k=5)
     assert pcs.shape == (5, 3, 4, 4)
@@ -145,7 +152,7 @@ class TinyViT(nn.Module):
         self.embed = nn.Linear(12, dim)
         self.blocks = nn.ModuleList(TinyBlock(dim, heads) for _ in range(depth))
 
-    def forward(self, x):                          # x: (B, N, 12) tokens
+    def forward(self, x):  # x: (B, N, 12) tokens
         x = self.embed(x)
         for blk in self.blocks:
             x = blk(x)

@@ -1,5 +1,6 @@
 """The inspection report: figures render, the page links only files that exist, and the
 attention recomputed from hooks equals what the model's own SDPA computes."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,15 @@ def test_hook_attention_matches_the_models_attention_output():
 def test_report_pngs_render_and_html_links_exist(tmp_path, pool):
     model = tiny_vit(pool=pool)
     images = torch.rand(6, 3, 32, 32) * 2 - 1
-    page = write_report(model, images, tmp_path, title="tiny", config_text="model: {name: tiny}",
-                        results={"test_top1": 0.5}, captions=[f"img{i}" for i in range(6)])
+    page = write_report(
+        model,
+        images,
+        tmp_path,
+        title="tiny",
+        config_text="model: {name: tiny}",
+        results={"test_top1": 0.5},
+        captions=[f"img{i}" for i in range(6)],
+    )
     text = page.read_text()
     links = re.findall(r"(?:src|href)='([^']+)'", text)
     assert {"filters.png", "posemb_similarity.png", "attention_distance.png", "attention_rollout.png"} <= set(links)
@@ -60,7 +68,7 @@ def test_report_pngs_render_and_html_links_exist(tmp_path, pool):
     assert numbers["grid"] == [8, 8]
     # distances live between 0 and the image diagonal
     flat = torch.tensor(numbers["attention_distance"])
-    assert (flat >= 0).all() and (flat <= 32 * 2 ** 0.5).all()
+    assert (flat >= 0).all() and (flat <= 32 * 2**0.5).all()
 
 
 def test_report_without_class_token_row_in_posemb(tmp_path):
@@ -88,11 +96,25 @@ def test_cli_on_a_timm_file_and_an_image_folder(tmp_path):
     out = tmp_path / "out"
     assert main([str(weights), "--model", "vit_ti16", "--images", str(images), "--out", str(out)]) == 0
     numbers = json.loads((out / "inspection.json").read_text())
-    assert numbers["grid"] == [8, 8] and numbers["patch_size"] == 4       # inferred from the weights
+    assert numbers["grid"] == [8, 8] and numbers["patch_size"] == 4  # inferred from the weights
     assert len(numbers["attention_distance"][0]) == 3
     # at another resolution the position embedding is resampled
-    assert main([str(weights), "--model", "vit_ti16", "--img-size", "48", "--images", str(images),
-                 "--out", str(tmp_path / "out48")]) == 0
+    assert (
+        main(
+            [
+                str(weights),
+                "--model",
+                "vit_ti16",
+                "--img-size",
+                "48",
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "out48"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "out48" / "inspection.json").read_text())["grid"] == [12, 12]
 
 
@@ -112,15 +134,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_figure_data_of_a_model_with_smooth_position_embeddings():
     """The similarity figure's own data (through `inspect_model`), for a model whose position
     embeddings are 2D-smooth by construction: nearer patches are more similar."""
-    from pretrain.inspection.run import inspect_model
     from pretrain.inspection.attention import patch_distances
+    from pretrain.inspection.run import inspect_model
 
     model = tiny_vit()
     ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     freqs = torch.linspace(0.05, 0.35, 8)
     smooth = torch.cat([f(c.flatten()[:, None] * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], dim=1)
     with torch.no_grad():
-        model.pos_embed[0, 1:] = smooth                                   # (64, 32)
+        model.pos_embed[0, 1:] = smooth  # (64, 32)
     sim = inspect_model(model, torch.zeros(1, 3, 32, 32))["posemb_similarity"].flatten()
     dist = patch_distances((8, 8)).flatten().float()
     by_distance = [sim[(dist > lo) & (dist <= lo + 1)].mean().item() for lo in range(0, 8)]
@@ -133,7 +155,7 @@ def test_chunked_inspection_equals_whole_batch_computation():
 
     model = tiny_vit()
     torch.manual_seed(1)
-    images = torch.randn(2 * CHUNK + 3, 3, 32, 32)                      # chunks of unequal size
+    images = torch.randn(2 * CHUNK + 3, 3, 32, 32)  # chunks of unequal size
     data = inspect_model(model, images)
     maps = attention_maps(model, images)
     expected = torch.stack([mean_attention_distance(a, (8, 8), 1, 4) for a in maps])

@@ -1,4 +1,5 @@
 """Position-embedding resampling equals timm (bicubic + antialias) and scipy zoom (official JAX)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,18 +16,24 @@ def posemb(grid=(14, 14), prefix=1, dim=32, seed=0):
     return torch.randn(1, prefix + grid[0] * grid[1], dim, generator=g)
 
 
-@pytest.mark.parametrize("old, new", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 7), (12, 16)), ((6, 9), (10, 5))])
+@pytest.mark.parametrize(
+    "old, new", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 7), (12, 16)), ((6, 9), (10, 5))]
+)
 def test_bicubic_equals_timm_resample_abs_pos_embed(old, new):
     from timm.layers import resample_abs_pos_embed
 
     pe = posemb(old)
     ours = resample_posemb(pe, new, old_grid=old)
-    theirs = resample_abs_pos_embed(pe, list(new), old_size=list(old), num_prefix_tokens=1, interpolation="bicubic", antialias=True)
+    theirs = resample_abs_pos_embed(
+        pe, list(new), old_size=list(old), num_prefix_tokens=1, interpolation="bicubic", antialias=True
+    )
     assert ours.shape == (1, 1 + new[0] * new[1], 32)
     assert (ours - theirs).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("old, new", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 7), (12, 16)), ((6, 9), (10, 5))])
+@pytest.mark.parametrize(
+    "old, new", [((14, 14), (24, 24)), ((24, 24), (14, 14)), ((7, 7), (12, 16)), ((6, 9), (10, 5))]
+)
 def test_linear_equals_scipy_zoom_order_1(old, new):
     pe = posemb(old)
     ours = resample_posemb(pe, new, method="linear", old_grid=old)

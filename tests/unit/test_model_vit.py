@@ -1,4 +1,5 @@
 """ViT model: registry, parameter counts (exactly timm's), shapes, options, initialisation."""
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,9 @@ def test_config_file_equals_registry(name):
 
 
 def test_overrides_from_command_line_reach_the_model():
-    cfg = load_config(_ModelSection, [REPO / "configs/model/vit_ti16.yaml"], ["model.img_size=64", "model.num_classes=7"])
+    cfg = load_config(
+        _ModelSection, [REPO / "configs/model/vit_ti16.yaml"], ["model.img_size=64", "model.num_classes=7"]
+    )
     model = create_model("vit_ti16", img_size=cfg.model.img_size, num_classes=cfg.model.num_classes)
     assert model.grid_size == (4, 4) and model.pos_embed.shape == (1, 17, 192)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
@@ -158,7 +161,9 @@ def test_sincos_posemb_is_fixed_and_not_saved():
     assert "pos_embed" not in dict(model.named_parameters()) and "pos_embed" not in model.state_dict()
     pe = model.pos_embed[0, 1:]  # patch rows; the class-token row is zero
     assert torch.all(model.pos_embed[0, 0] == 0)
-    assert torch.allclose(pe[0, :16], torch.zeros(16)) and torch.allclose(pe[0, 16:32], torch.ones(16))  # sin(0), cos(0)
+    assert torch.allclose(pe[0, :16], torch.zeros(16)) and torch.allclose(
+        pe[0, 16:32], torch.ones(16)
+    )  # sin(0), cos(0)
 
 
 def test_jax_style_initialisation():
@@ -186,7 +191,9 @@ def test_reset_head_zero_weights_and_optional_pre_logits_drop():
     with torch.no_grad():
         model.head.weight.normal_()
     model.reset_head(5, bias=0.5)
-    assert model.head.weight.shape == (5, 32) and torch.all(model.head.weight == 0) and torch.all(model.head.bias == 0.5)
+    assert (
+        model.head.weight.shape == (5, 32) and torch.all(model.head.weight == 0) and torch.all(model.head.bias == 0.5)
+    )
     assert model.cfg.num_classes == 5 and model.cfg.representation_size == 32
     model.reset_head(3, drop_pre_logits=True)
     assert model.pre_logits is None and model.head.weight.shape == (3, 64)
@@ -221,7 +228,9 @@ def test_bf16_autocast_forward_backward():
 
 def test_hybrid_forward_shapes():
     # One block per stage keeps the stride-16 feature map; the full R50 runs in test_model_weights.
-    model = create_model("r50_vit_b16", img_size=64, resnet_layers=[1, 1, 1], width=64, depth=1, heads=4, mlp_dim=64, num_classes=3)
+    model = create_model(
+        "r50_vit_b16", img_size=64, resnet_layers=[1, 1, 1], width=64, depth=1, heads=4, mlp_dim=64, num_classes=3
+    )
     assert model.grid_size == (4, 4) and model.patch_embed.proj.kernel_size == (1, 1)
     assert model.patch_embed.backbone(torch.randn(1, 3, 64, 64)).shape == (1, 1024, 4, 4)
     assert model.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 17, 64)

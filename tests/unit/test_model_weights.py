@@ -1,5 +1,6 @@
 """Weight conversion: equal to timm both ways (224 and 384 after resampling), official / big_vision
 .npz layouts read by timm's own loader and by ours, and errors that name the offending keys."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -185,7 +186,9 @@ def test_rectangular_source_grid_is_resampled_with_linear_method():
 
 
 def test_timm_features_we_do_not_have_are_reported():
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1, global_pool="avg")
+    theirs = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=1, global_pool="avg"
+    )
     with pytest.raises(UserError, match="fc_norm"):
         from_timm(theirs.state_dict())
     with pytest.raises(UserError, match="pre-logits"):

@@ -1,4 +1,5 @@
 """vit-prep's config: recipes, flags over recipes, key=value over flags, clear errors."""
+
 import pytest
 
 from data_prep.cli import _parser, convert_config
@@ -12,8 +13,20 @@ def _cfg(*argv):
 
 
 def test_flags_override_the_recipe_and_key_values_override_flags():
-    cfg = _cfg("--config", "configs/prep/imagenet21k.yaml", "--input", "/data/fall 11:x.tar",
-               "--max-side", "384", "--no-dedup", "--workers", "4", "workers=6", "--output", "o")
+    cfg = _cfg(
+        "--config",
+        "configs/prep/imagenet21k.yaml",
+        "--input",
+        "/data/fall 11:x.tar",
+        "--max-side",
+        "384",
+        "--no-dedup",
+        "--workers",
+        "4",
+        "workers=6",
+        "--output",
+        "o",
+    )
     assert cfg.source.kind == "in21k" and cfg.source.input == "/data/fall 11:x.tar"
     assert cfg.policy.max_side == 384 and cfg.policy.min_side == 32  # the rest of the recipe stays
     assert cfg.dedup is False and cfg.workers == 6 and cfg.samples_per_shard == 10000

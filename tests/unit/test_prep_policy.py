@@ -1,4 +1,5 @@
 """Image policy: output sizes, draft decoding, pass-through rules."""
+
 import io
 
 import numpy as np
@@ -16,12 +17,15 @@ def _jpeg(w, h, exif=None, mode="RGB"):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("policy,size,want", [
-    (ImagePolicy(max_short_side=256), (1000, 600), (427, 256)),
-    (ImagePolicy(max_short_side=256), (200, 300), (200, 300)),  # never upscaled
-    (ImagePolicy(max_side=300), (1000, 600), (300, 180)),
-    (ImagePolicy(max_short_side=0), (1000, 600), (1000, 600)),
-])
+@pytest.mark.parametrize(
+    "policy,size,want",
+    [
+        (ImagePolicy(max_short_side=256), (1000, 600), (427, 256)),
+        (ImagePolicy(max_short_side=256), (200, 300), (200, 300)),  # never upscaled
+        (ImagePolicy(max_side=300), (1000, 600), (300, 180)),
+        (ImagePolicy(max_short_side=0), (1000, 600), (1000, 600)),
+    ],
+)
 def test_target_sizes(policy, size, want):
     assert policy.target_size(*size) == want
 

@@ -1,4 +1,5 @@
 """The shard writer: deterministic bytes, offsets that stock tarfile agrees with, atomicity."""
+
 import tarfile
 
 import numpy as np
@@ -34,7 +35,7 @@ def test_same_samples_give_same_bytes_and_tarfile_agrees_on_offsets(tmp_path):
             jpg = members[2 * i]
             assert (loc.members["jpg"].offset, loc.members["jpg"].size) == (jpg.offset_data, jpg.size)
             assert loc.offset == jpg.offset
-            assert data[loc.members["jpg"].offset:][:jpg.size] == SAMPLES[i][1][0][1]
+            assert data[loc.members["jpg"].offset :][: jpg.size] == SAMPLES[i][1][0][1]
     assert locs[-1].offset + locs[-1].size == members[-1].offset_data + 512
 
 

@@ -1,18 +1,18 @@
 """Where a process sits in the job, from the launcher's environment; and the trainer's small pure parts."""
+
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pretrain.runtime import distributed
 from pretrain.checkpoint.checkpointer import fingerprint_diff
+from pretrain.runtime import distributed
+from pretrain.runtime.signals import StopRequest
 from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
+from pretrain.train.loop import TrainConfig, loss_fn
 from pretrain.zero.engine import ZeroConfig, deepspeed_config
 from pretrain.zero.optimizer import OptimConfig, WarmupDecay
-from pretrain.runtime.signals import StopRequest
-from pretrain.train.loop import TrainConfig, loss_fn
 from vitscale_common.config_loader import ConfigError
-
-import torch
 
 
 @pytest.fixture
@@ -24,15 +24,37 @@ def slurm_conf(tmp_path, monkeypatch):
 
 
 def test_torchrun_variables_come_first():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n1", "MASTER_PORT": "29501",
-           "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29501",
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_NTASKS": "2",
+    }
     d = distributed.detect(env)
-    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.launcher) == (3, 1, 8, "n1", 29501, "torchrun")
+    assert (d.rank, d.local_rank, d.world_size, d.master_addr, d.master_port, d.launcher) == (
+        3,
+        1,
+        8,
+        "n1",
+        29501,
+        "torchrun",
+    )
 
 
 def test_srun_uses_step_tasks_not_job_tasks_and_first_node(slurm_conf):
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "6", "SLURM_NTASKS": "64",
-           "SLURM_STEP_NODELIST": "localhost,node[2-3]", "SLURM_JOB_NODELIST": "other[1-9]", "SLURM_JOB_ID": "123456"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_TASKS": "6",
+        "SLURM_NTASKS": "64",
+        "SLURM_STEP_NODELIST": "localhost,node[2-3]",
+        "SLURM_JOB_NODELIST": "other[1-9]",
+        "SLURM_JOB_ID": "123456",
+    }
     d = distributed.detect(env)
     assert (d.rank, d.local_rank, d.world_size, d.launcher) == (5, 1, 6, "srun")
     assert d.master_addr == "localhost"  # the first host of the step's list, resolvable as it is
@@ -108,8 +130,10 @@ def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
     import subprocess
     import sys
 
-    code = ("import time\nfrom pretrain.runtime.signals import Watchdog\n"
-            "w = Watchdog(1.0, rank=3).start()\nw.beat(7)\ntime.sleep(30)\n")
+    code = (
+        "import time\nfrom pretrain.runtime.signals import Watchdog\n"
+        "w = Watchdog(1.0, rank=3).start()\nw.beat(7)\ntime.sleep(30)\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 85
     assert "rank 3 made no progress" in p.stderr and "after step 7" in p.stderr

@@ -1,4 +1,5 @@
 """vit-submit rendering: the sbatch layout for large runs, arrays, chains, containers, errors."""
+
 from __future__ import annotations
 
 import re
@@ -26,18 +27,38 @@ def scripts(out: str) -> list[str]:
 
 @pytest.fixture
 def h14(tmp_path):
-    return write(tmp_path / "h14.yaml", f"""
+    return write(
+        tmp_path / "h14.yaml",
+        f"""
 run: {{dir: {tmp_path}/runs/h14}}
 model: {{name: vit_h14}}
 slurm: {{partition: gpu, time: "48:00:00", env: {{NCCL_DEBUG: WARN}}}}
-""")
+""",
+    )
 
 
 def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(capsys, tmp_path):
     run = tmp_path / "runs" / "h14"
-    assert main(["pretrain", str(REPO / "configs/pretrain/vit_h14_in21k.yaml"), "data.path=/shards/in21k",
-                 f"run.dir={run}", "slurm.partition=gpu", "slurm.env={NCCL_DEBUG: WARN}",
-                 "--nodes", "16", "--gpus-per-node", "8", "--time", "48:00:00", "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                str(REPO / "configs/pretrain/vit_h14_in21k.yaml"),
+                "data.path=/shards/in21k",
+                f"run.dir={run}",
+                "slurm.partition=gpu",
+                "slurm.env={NCCL_DEBUG: WARN}",
+                "--nodes",
+                "16",
+                "--gpus-per-node",
+                "8",
+                "--time",
+                "48:00:00",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     [script] = scripts(capsys.readouterr().out)
     opts = parse_sbatch_options(script)
     assert opts["nodes"] == "16" and opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8"
@@ -57,9 +78,11 @@ def test_vit_h14_16_nodes_8_gpus_has_one_rank_per_gpu(capsys, tmp_path):
 def test_stage_configs_are_merged_and_frozen_into_one_file(tmp_path):
     """The job runs one file: the stage's configs and overrides merged (a requeue reruns it)."""
     run = tmp_path / "h14-518"
-    stage, frozen = build_stage("finetune", [REPO / "configs/finetune/imagenet1k_384.yaml",
-                                             REPO / "configs/finetune/vit_h14_518.yaml"],
-                                ["data.path=/shards/in1k", "init.weights=/runs/h14", f"run.dir={run}", "slurm.nodes=8"])
+    stage, frozen = build_stage(
+        "finetune",
+        [REPO / "configs/finetune/imagenet1k_384.yaml", REPO / "configs/finetune/vit_h14_518.yaml"],
+        ["data.path=/shards/in1k", "init.weights=/runs/h14", f"run.dir={run}", "slurm.nodes=8"],
+    )
     [job] = stage.jobs
     assert job.name == "vit-finetune-h14-518" and job.command[-1] == str(run / "slurm" / "finetune-config.yaml")
     cfg = yaml.safe_load(frozen)
@@ -74,10 +97,13 @@ def test_cpu_job_runs_one_rank_per_node(h14, capsys):
 
 
 def test_prep_is_an_array_followed_by_a_merge(tmp_path, capsys):
-    cfg = write(tmp_path / "prep.yaml", f"""
+    cfg = write(
+        tmp_path / "prep.yaml",
+        f"""
 output: {tmp_path}/in21k
 slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
-""")
+""",
+    )
     main(["prep", cfg, "--dry-run"])
     convert, merge = scripts(capsys.readouterr().out)
     assert parse_sbatch_options(convert)["array"] == "0-63%16"
@@ -89,13 +115,16 @@ slurm: {{array_tasks: 64, array_parallel: 16, cpus_per_task: 32}}
 def test_pipeline_renders_every_stage_in_order(tmp_path, capsys):
     write(tmp_path / "pre.yaml", "run: {dir: unset}\n")
     write(tmp_path / "ft.yaml", "run: {dir: unset}\n")
-    pipe = write(tmp_path / "pipe.yaml", """
+    pipe = write(
+        tmp_path / "pipe.yaml",
+        """
 vars: {work: /scratch/demo}
 stages:
   - {stage: prep, overrides: ["source.kind=digits", "output=${vars.work}/data"]}  # no file: overrides only
   - {stage: pretrain, configs: [pre.yaml], overrides: ["run.dir=${vars.work}/pretrain", "data.path=${vars.work}/data"]}
   - {stage: finetune, configs: [ft.yaml], overrides: ["run.dir=${vars.work}/finetune"]}
-""")
+""",
+    )
     main(["pipeline", pipe, "vars.work=/scratch/x", "--nodes", "4", "--dry-run"])
     out = capsys.readouterr().out
     names = re.findall(r"^# ---- ([^\s:]+)", out, flags=re.M)
@@ -107,23 +136,43 @@ stages:
 
 
 def test_containers(h14, capsys):
-    main(["pretrain", h14, "slurm.container_runtime=pyxis", "slurm.container_image=nvcr.io/x/vit:1",
-          "slurm.container_mounts=[/data:/data]", "slurm.python=python", "--dry-run"])
+    main(
+        [
+            "pretrain",
+            h14,
+            "slurm.container_runtime=pyxis",
+            "slurm.container_image=nvcr.io/x/vit:1",
+            "slurm.container_mounts=[/data:/data]",
+            "slurm.python=python",
+            "--dry-run",
+        ]
+    )
     [srun] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("srun ")]
     assert "--container-image=nvcr.io/x/vit:1" in srun and "--container-mounts=/data:/data" in srun
-    main(["pretrain", h14, "slurm.container_runtime=apptainer", "slurm.container_image=/img/vit.sif",
-          "slurm.python=python", "--dry-run"])
+    main(
+        [
+            "pretrain",
+            h14,
+            "slurm.container_runtime=apptainer",
+            "slurm.container_image=/img/vit.sif",
+            "slurm.python=python",
+            "--dry-run",
+        ]
+    )
     assert "STAGE_CMD=(apptainer exec --nv /img/vit.sif python -m pretrain.train" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("override, message", [
-    (["slurm.container_runtime=docker"], "slurm.container_runtime: must be one of none, pyxis, apptainer"),
-    (["slurm.gpus=8"], "slurm.gpus"),
-    (["slurm.nodes=two"], "slurm.nodes"),
-    (["run.dir="], "`run.dir` must be set"),
-    (["slurm.extra_sbatch=[exclusive]"], "slurm.extra_sbatch"),
-    (["slurm.time=48:00:00"], "slurm.time: '172800' is not a limit like"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["slurm.container_runtime=docker"], "slurm.container_runtime: must be one of none, pyxis, apptainer"),
+        (["slurm.gpus=8"], "slurm.gpus"),
+        (["slurm.nodes=two"], "slurm.nodes"),
+        (["run.dir="], "`run.dir` must be set"),
+        (["slurm.extra_sbatch=[exclusive]"], "slurm.extra_sbatch"),
+        (["slurm.time=48:00:00"], "slurm.time: '172800' is not a limit like"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(h14, capsys, override, message):
     assert main(["pretrain", h14, *override, "--dry-run"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The epoch plan: exact tiling of an epoch, the remainder rule, reader ownership, shuffle bounds."""
+
 import collections
 
 import numpy as np

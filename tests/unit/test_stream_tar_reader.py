@@ -1,4 +1,5 @@
 """The byte-level tar reader: grouping as webdataset does, long names, seeking, damage."""
+
 import io
 import tarfile
 

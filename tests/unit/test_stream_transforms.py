@@ -1,4 +1,5 @@
 """Image transforms: crop geometry, reduced-size decode fidelity, eval crop, normalisation, mixup."""
+
 import io
 
 import numpy as np
