@@ -108,7 +108,7 @@ class TableSource(Source):
         if multi:
             columns["labels"] = pa.array(label_lists, pa.list_(pa.int32()))
         else:
-            columns["label"] = pa.array([l[0] for l in label_lists], pa.int32())
+            columns["label"] = pa.array([labels[0] for labels in label_lists], pa.int32())
         if self.cfg.split_column:
             splits = self._column(table, self.cfg.split_column, "--split-column")
             if any(s is None for s in splits):

@@ -165,7 +165,7 @@ def test_stopped_and_resumed_finetune_is_bitwise_identical(shards, pretrained, r
     assert results(run)["results"] == results(reference)["results"]
     # the start is reported as it happened, though the resumed process did not redo it
     assert results(run)["init"]["lines"] == [
-        l.replace(str(reference), str(run)) for l in results(reference)["init"]["lines"]
+        line.replace(str(reference), str(run)) for line in results(reference)["init"]["lines"]
     ]
     curve = lambda r: {m["step"]: m["last_loss"] for m in read_metrics(r)}
     assert curve(run) == curve(reference)

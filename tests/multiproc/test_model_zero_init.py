@@ -69,7 +69,7 @@ def test_jax_init_holds_under_zero3_partitioned_construction(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("STATS "))
+    line = next(s for s in proc.stdout.splitlines() if s.startswith("STATS "))
     stats = json.loads(line[len("STATS ") :])
     assert stats["partitioned"]
     assert stats["head_weight_absmax"] == 0.0 and stats["head_bias"] == [-10.0]

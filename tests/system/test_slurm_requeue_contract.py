@@ -79,7 +79,7 @@ def test_warning_signal_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     info = slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=90)
     assert info["Restarts"] == "1"
-    for r, rec in enumerate(ranks(tmp_path)):
+    for rec in ranks(tmp_path):
         assert rec["done"] and rec["step"] == STEPS
         assert rec["signals"] == [10]  # SIGUSR1 reached the rank through the batch shell and srun
         assert rec["starts"][0] == 0 and 0 < rec["starts"][1] < STEPS  # resumed, not restarted

@@ -130,7 +130,7 @@ def pretrained_16px(one_thread):
     model = tiny()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     model.train()
-    for epoch in range(20):
+    for _epoch in range(20):
         for idx in train[torch.randperm(len(train))].split(64):
             loss = F.cross_entropy(model(random_zoom(x[idx], 0.35)), y[idx])
             opt.zero_grad()
