@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 from pretrain.model.weight_formats import create_timm_model, to_timm
 
 # Peak dense tensor-core rates (FLOP/s) for MFU: bf16 and tf32/fp32 datasheet figures.

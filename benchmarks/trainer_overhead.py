@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.checkpointer import CheckpointConfig, Checkpointer
-from pretrain.model.vit import build_model, model_config
+from pretrain.model import build_model, model_config
 from pretrain.runtime import distributed
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
-from pretrain.runtime.signals import StopRequest, Watchdog
+from pretrain.runtime.signals import StopRequest
+from pretrain.runtime.watchdog import Watchdog
 from pretrain.train.loop import Hooks, TrainConfig, Trainer, loss_fn
 from pretrain.train.run_log import RunLog
 from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from trainer_overhead import BareLoop, OurLoop
 
-from pretrain.model.vit import model_config
+from pretrain.model import model_config
 from pretrain.runtime import distributed
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 from pretrain.zero.engine import ZeroConfig

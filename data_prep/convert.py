@@ -30,6 +30,7 @@ from data_prep.config import PrepConfig, parse_splits, resolve_tasks, validate
 from data_prep.plan import Plan, ShardTask, split_sort_key
 from data_prep.policy import ImagePolicy, Rejected, convert_image
 from data_prep.sources import Listing, Source, build_source
+from data_prep.workdir import canonical_json, done_path, is_done, rejected_part_path, work_path
 from sharding import format as fmt
 from sharding.index import REJECTED_SCHEMA, SAMPLE_SCHEMA, table_from_rows, write_table
 from sharding.writer import ShardTarWriter
@@ -38,22 +39,6 @@ from vitscale_common.errors import UserError
 
 LISTING_CACHE = "listing.arrow"  # Arrow IPC, so tasks can memory-map it
 UNEXPECTED = "unexpected_error"  # a bug or an exotic input: counted and kept, not fatal
-
-
-def work_path(out: Path, name: str) -> Path:
-    return out / fmt.WORK_DIR / name
-
-
-def done_path(out: Path, task: ShardTask) -> Path:
-    return work_path(out, f"{task.name}.done.json")
-
-
-def rejected_part_path(out: Path, task: ShardTask) -> Path:
-    return work_path(out, f"{task.name}.rejected.parquet")
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
 
 # ---------------------------------------------------------------------------- listing
@@ -289,10 +274,6 @@ def remove_shard_temps(out: Path, task: ShardTask) -> None:
     for folder in (fmt.SHARDS_DIR, fmt.INDEX_DIR, fmt.WORK_DIR):
         for p in (out / folder).glob(f".{task.name}.*.tmp-*"):
             p.unlink(missing_ok=True)
-
-
-def is_done(out: Path, task: ShardTask) -> bool:
-    return done_path(out, task).is_file() and (out / fmt.shard_path(task.split, task.shard)).is_file()
 
 
 def run_convert(cfg: PrepConfig, plan_only: bool = False) -> dict:

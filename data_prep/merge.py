@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from data_prep.convert import canonical_json, done_path, is_done, rejected_part_path, work_path
 from data_prep.plan import Plan, ShardTask
 from data_prep.policy import ImagePolicy
+from data_prep.workdir import canonical_json, done_path, is_done, rejected_part_path, work_path
 from sharding import format as fmt
 from sharding.index import REJECTED_SCHEMA, SHARD_SCHEMA, concat, read_table, table_from_rows, write_table
 from vitscale_common.atomic import atomic_write_text, remove_stale_temps

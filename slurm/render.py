@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from pretrain.runtime.signals import EXIT_REQUEUE
+from vitscale_common.exit_codes import EXIT_REQUEUE
 from vitscale_common.slurm_config import SlurmConfig
 
 TEMPLATE = Path(__file__).parent / "templates" / "job.sbatch"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pretrain.checkpoint.writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
-from pretrain.runtime.distributed import all_reduce_flags, barrier
+from pretrain.runtime.collectives import all_reduce_flags, barrier
 from vitscale_common.atomic import atomic_write_text, remove_stale_temps
 from vitscale_common.errors import UserError
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pretrain.model.vit import ViTConfig
+from pretrain.model import ViTConfig
 from vitscale_common.errors import UserError
 
 HEAD_PREFIXES = ("head.",)

@@ -20,56 +20,15 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pretrain.evaluate import metrics
+from pretrain.runtime.collectives import all_gather_rows, all_reduce_counts, is_main_rank
 from vitscale_common.atomic import atomic_write_text
 from vitscale_common.errors import UserError, cli_entry
-
-
-# --------------------------------------------------------------------------- collectives
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_main() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _comm_device() -> torch.device:
-    # NCCL moves only CUDA tensors; gloo only CPU ones.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def all_reduce_counts(counts: Mapping[str, int]) -> dict[str, int]:
-    """Sum integer counts over ranks (exactly: int64)."""
-    if not _distributed():
-        return dict(counts)
-    names = sorted(counts)
-    t = torch.tensor([counts[n] for n in names], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t)
-    return dict(zip(names, t.tolist()))
-
-
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's (n_r, ...) rows on every rank, in rank order; n_r may differ."""
-    if not _distributed():
-        return t
-    dev = _comm_device()
-    world = dist.get_world_size()
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
-    padded[: t.shape[0]] = t.to(dev)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
 
 
 # --------------------------------------------------------------------------- forward passes
@@ -103,7 +62,7 @@ def _forward_batches(model, loader, max_batches, desc):
         batches = loader if max_batches is None else itertools.islice(loader, max_batches)
         total = max_batches if max_batches is not None else _safe_len(loader)
         for images, targets, valid, *ids in tqdm(
-            batches, desc=desc, total=total, disable=not _is_main(), unit="batch", leave=False
+            batches, desc=desc, total=total, disable=not is_main_rank(), unit="batch", leave=False
         ):
             # no_grad per batch, never across the yield: a consumer that stops early would
             # otherwise leave gradients switched off for the whole process.
@@ -346,7 +305,7 @@ def _check_ids(f: Features, labels: Sequence, split: str) -> None:
 
 
 def _model_for(source, args) -> torch.nn.Module:
-    from pretrain.model.vit import build_model, model_config
+    from pretrain.model import build_model, model_config
 
     if source.model is not None:
         cfg = source.model
@@ -470,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--real scores the head's predictions: it has {model.cfg.num_classes} outputs, "
             f"{args.data} has {ds.num_classes} classes"
         )
-    if not head_fits and _is_main():
+    if not head_fits and is_main_rank():
         print(
             f"note: the head has {model.cfg.num_classes} outputs and {args.data} has {ds.num_classes} classes: "
             "top-k left out (few-shot and probe use the representation)"
@@ -498,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results |= linear_probe_from_features(train, test, ds.num_classes)
 
     # -- report
-    if _is_main():
+    if is_main_rank():
         out = args.out or (args.weights if args.weights.is_dir() else args.weights.parent) / "eval"
         stem = f"{ds.name}-{args.split}-{model.cfg.img_size}px"
         header = {

@@ -181,7 +181,7 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
 def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
     from pretrain.checkpoint.checkpointer import Checkpointer, scan
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
-    from pretrain.model.vit import build_model
+    from pretrain.model import build_model
     from pretrain.runtime import distributed
     from pretrain.train.run import run_training, say
 

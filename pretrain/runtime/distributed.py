@@ -33,10 +33,6 @@ class DistEnv:
     master_port: int
     launcher: str  # 'torchrun' | 'srun' | 'single'
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(env: Mapping[str, str], key: str) -> int:
     try:
@@ -163,37 +159,3 @@ def shutdown() -> None:
     if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
         ds_comm.cdb = None
         gc.collect()
-
-
-def all_reduce_flags(*flags: bool | float) -> list[float]:
-    """Element-wise max of small per-rank flags, so every rank takes the same decision."""
-    import torch.distributed as dist
-
-    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu().tolist()
-
-
-def sum_counters(counters: Mapping[str, int]) -> dict[str, int]:
-    """Per-key sums of every rank's counters (ranks may hold different keys); all ranks must call it."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(counters)
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counters))
-    total: dict[str, int] = {}
-    for per_rank in gathered:
-        for key, value in per_rank.items():
-            total[key] = total.get(key, 0) + value
-    return total
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

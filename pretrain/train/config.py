@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from pretrain.checkpoint.checkpointer import CheckpointConfig
 from pretrain.data.loaders import DataConfig
 from pretrain.evaluate.periodic import EvalConfig
-from pretrain.model.vit import ViTConfig, list_models, model_config
+from pretrain.model import ViTConfig, list_models, model_config
 from pretrain.train.loop import TrainConfig
 from pretrain.zero.engine import ZeroConfig
 from vitscale_common.config_loader import ConfigError, load_config, parse_overrides, read_yaml

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pretrain.runtime.distributed import all_reduce_flags, sum_counters
-from pretrain.runtime.signals import StopRequest, Watchdog
+from pretrain.runtime.collectives import all_reduce_flags, sum_counters
+from pretrain.runtime.signals import StopRequest
+from pretrain.runtime.watchdog import Watchdog
 from pretrain.train.run_log import RunLog
 from pretrain.zero.engine import input_dtype
 from pretrain.zero.optimizer import OptimConfig

@@ -20,13 +20,15 @@ from tqdm import tqdm
 from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff, scan
 from pretrain.runtime import distributed
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
-from pretrain.runtime.signals import EXIT_REQUEUE, StopRequest, Watchdog
+from pretrain.runtime.signals import StopRequest
+from pretrain.runtime.watchdog import Watchdog
 from pretrain.train.config import RESUMABLE_CHANGES, derive, load_pretrain_config
 from pretrain.train.loop import Ema, Hooks, Trainer
 from pretrain.train.run_log import RunLog, peak_flops, vit_forward_flops
 from pretrain.zero.engine import build_engine, build_model_for, deepspeed_config
 from vitscale_common.config_loader import ConfigError, save_config, to_yaml
 from vitscale_common.errors import UserError, cli_entry
+from vitscale_common.exit_codes import EXIT_REQUEUE
 
 
 def say(rank: int, msg: str) -> None:
@@ -229,7 +231,7 @@ def parse_args(
 
 @cli_entry
 def main(argv=None) -> int:
-    from pretrain.model.vit import build_model
+    from pretrain.model import build_model
 
     args = parse_args(argv)
     cfg = load_pretrain_config(args.configs, args.overrides)

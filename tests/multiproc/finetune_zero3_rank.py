@@ -13,8 +13,8 @@ import torch.distributed as dist
 from rank_report import report  # next to this script
 
 from pretrain.checkpoint.starting_weights import Source, fit_to_model
+from pretrain.model import build_model, create_model, model_config
 from pretrain.model.posemb import resample_posemb
-from pretrain.model.vit import build_model, create_model, model_config
 from pretrain.runtime import distributed
 
 

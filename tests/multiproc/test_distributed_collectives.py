@@ -12,11 +12,11 @@ import sys
 # rank 1 alone saw a non-finite loss and rank 0 alone was asked to stop.
 RANK_PROGRAM = """
 import json, os, torch.distributed as dist
-from pretrain.runtime import distributed
+from pretrain.runtime import collectives, distributed
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2)
 mine = {"substituted": 3, "decode_error": 3} if rank == 0 else {"substituted": 2, "decode_error": 1, "excluded": 1}
-result = {"counters": distributed.sum_counters(mine), "flags": distributed.all_reduce_flags(rank == 1, rank == 0)}
+result = {"counters": collectives.sum_counters(mine), "flags": collectives.all_reduce_flags(rank == 1, rank == 0)}
 distributed.shutdown()
 print(json.dumps(result))
 """

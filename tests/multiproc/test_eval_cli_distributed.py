@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from pretrain.evaluate import run as evaluate
+from pretrain.model import create_model
 from pretrain.model import weight_formats as weights
-from pretrain.model.vit import create_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "data"))

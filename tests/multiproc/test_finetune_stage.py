@@ -60,7 +60,7 @@ def pretrained(shards, tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from pretrain.data.loaders import DataConfig, build_eval_loader
-    from pretrain.model.vit import create_model
+    from pretrain.model import create_model
 
     loader = build_eval_loader(
         DataConfig(path=str(shards), workers=0), "train", img_size=16, batch_size=512, rank=0, world_size=1

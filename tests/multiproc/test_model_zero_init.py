@@ -21,7 +21,7 @@ SCRIPT = r"""
 import json, math, os, sys
 import deepspeed, torch
 from pretrain.runtime import distributed
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 
 deepspeed.init_distributed(dist_backend="gloo")
 ds_config = {"train_batch_size": 2, "zero_optimization": {"stage": 3}}

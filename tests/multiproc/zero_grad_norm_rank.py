@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rank_report import report  # next to this script
 
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 from pretrain.runtime import distributed
 from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config
 from pretrain.zero.optimizer import OptimConfig, param_groups

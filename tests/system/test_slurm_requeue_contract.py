@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.runtime.signals import EXIT_REQUEUE
 from slurm.render import JobSpec, render
+from vitscale_common.exit_codes import EXIT_REQUEUE
 from vitscale_common.slurm_config import SlurmConfig
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.finetune.stage import freeze_backbone, load_finetune_config
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 from pretrain.train.config import load_pretrain_config
 from vitscale_common.config_loader import ConfigError
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.checkpoint.starting_weights import Source, fit_to_model
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 from vitscale_common.errors import UserError
 
 TINY = dict(patch_size=4, width=64, depth=4, heads=4, mlp_dim=128)

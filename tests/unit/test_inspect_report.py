@@ -12,7 +12,7 @@ import torch
 
 from pretrain.inspection.attention import attention_maps
 from pretrain.inspection.run import write_report
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 
 
 def tiny_vit(**overrides):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.model.vit import ViTConfig, create_model, list_models, model_config, register_model
+from pretrain.model import ViTConfig, create_model, list_models, model_config, register_model
 from vitscale_common.config_loader import load_config
 from vitscale_common.errors import UserError
 

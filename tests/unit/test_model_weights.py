@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.model.vit import create_model
+from pretrain.model import create_model
 from pretrain.model.weight_formats import (
     create_timm_model,
     from_timm,

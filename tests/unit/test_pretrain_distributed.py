@@ -131,7 +131,7 @@ def test_watchdog_ends_a_stalled_process_with_the_requeue_code():
     import sys
 
     code = (
-        "import time\nfrom pretrain.runtime.signals import Watchdog\n"
+        "import time\nfrom pretrain.runtime.watchdog import Watchdog\n"
         "w = Watchdog(1.0, rank=3).start()\nw.beat(7)\ntime.sleep(30)\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
