@@ -3,7 +3,7 @@
     python benchmarks/model_speed.py [--models vit_s16 vit_b16] [--batch 8] [--rounds 7]
                                      [--steps 3] [--threads N] [--device cpu|cuda] [--bf16]
 
-Both models get the same weights (ours converted with `pretrain.model.weight_formats.to_timm`), the
+Both models get the same weights (ours converted with `pretrain.model.timm_format.to_timm`), the
 same input batch and the same threads. One step is forward + loss + backward (no
 optimizer: identical for both). Each round times `--steps` steps of each model, the
 order alternating between rounds so drift (other processes, thermal) hits both alike;
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model import create_model
-from pretrain.model.weight_formats import create_timm_model, to_timm
+from pretrain.model.timm_format import create_timm_model, to_timm
 
 # Peak dense tensor-core rates (FLOP/s) for MFU: bf16 and tf32/fp32 datasheet figures.
 PEAK_FLOPS = {

@@ -1,5 +1,10 @@
-"""Public names kept for `pretrain.weights`; the code is in pretrain/model/weight_formats.py."""
+"""Public names kept for `pretrain.weights`: the weight formats of other codebases and checked loading.
 
-from pretrain.model.weight_formats import from_timm, load_npz, load_weights, save_npz, to_timm
+The code is in pretrain/model/: timm_format.py, npz_format.py and state_dict.py.
+"""
+
+from pretrain.model.npz_format import load_npz, save_npz
+from pretrain.model.state_dict import load_weights
+from pretrain.model.timm_format import from_timm, to_timm
 
 __all__ = ["from_timm", "load_npz", "load_weights", "save_npz", "to_timm"]

@@ -6,7 +6,7 @@ Reads the newest complete checkpoint (or step N) and consolidates DeepSpeed's Ze
 partitions into full fp32 tensors (from the fp32 master copy, so a bf16 run exports its
 full-precision weights). Writes FILE (default RUN_DIR/export/model.safetensors) with the
 model config in its metadata and next to it as FILE.json. Keys are ours (timm's layout;
-`pretrain.model.weight_formats.to_timm` converts what differs), loadable by the fine-tune stage.
+`pretrain.model.timm_format.to_timm` converts what differs), loadable by the fine-tune stage.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def read_run(run_dir: Path) -> Source:
 def read_source(path: str | Path) -> Source:
     """Read starting weights from a run directory, an export, a timm state dict or an .npz."""
     from pretrain.checkpoint import export
-    from pretrain.model import weight_formats as weights
+    from pretrain.model.npz_format import load_npz
+    from pretrain.model.timm_format import from_timm
 
     path = Path(path)
     if not path.exists():
@@ -132,9 +133,9 @@ def read_source(path: str | Path) -> Source:
         run_dir = path.parent.parent if path.parent.name == "export" else None
         return Source(path, "export", state, _vit_config(model_cfg), run_dir)
     if path.suffix == ".npz":
-        return Source(path, "npz", weights.load_npz(path))
+        return Source(path, "npz", load_npz(path))
     if path.suffix == ".safetensors" or path.suffix in TORCH_SUFFIXES:
-        return Source(path, "timm", weights.from_timm(_read_tensor_file(path)))
+        return Source(path, "timm", from_timm(_read_tensor_file(path)))
     raise UserError(
         f"{path}: unknown weights format (expected a run or export directory, "
         f".safetensors, {'/'.join(TORCH_SUFFIXES)} or .npz)"
@@ -179,7 +180,7 @@ def _group(keys: list[str]) -> list[str]:
 
 def _grid_of(rows: int, cfg: ViTConfig) -> tuple[int, int] | None:
     """The patch grid of a pos-emb with `rows` rows (with or without a class-token row)."""
-    from pretrain.model.weight_formats import infer_grid_or_none
+    from pretrain.model.posemb import infer_grid_or_none
 
     return infer_grid_or_none(rows) or (
         infer_grid_or_none(rows - cfg.num_prefix_tokens) if cfg.num_prefix_tokens else None
@@ -194,9 +195,9 @@ def fit_to_model(
     The head is taken from the source only when `reset_head` is False (then its shape must
     match); the source's pre-logits layer is used when the model has one, dropped when not.
     Position embeddings are resampled to the model's grid when it differs
-    (`pretrain.model.weight_formats.load_weights`, which names every key that does not fit).
+    (`pretrain.model.state_dict.load_weights`, which names every key that does not fit).
     """
-    from pretrain.model.weight_formats import load_weights
+    from pretrain.model.state_dict import load_weights
 
     cfg: ViTConfig = model.cfg
     state = dict(source.state)

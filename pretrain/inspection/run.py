@@ -189,7 +189,7 @@ def load_model(path: str | Path, model_name: str | None, img_size: int | None) -
     """The model a run directory, export or weights file holds (all layers kept), in eval mode."""
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
     from pretrain.model import build_model, model_config
-    from pretrain.model.weight_formats import infer_model_fields
+    from pretrain.model.state_dict import infer_model_fields
 
     source = read_source(path)
     if source.model is not None:

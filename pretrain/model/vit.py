@@ -6,7 +6,7 @@ and the R50+ViT-B/16 hybrid).
 
 Module and parameter names follow timm's `VisionTransformer` (`patch_embed.proj`,
 `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv`, ..., `norm`, `head`), so timm state
-dicts load as they are (`pretrain.model.weight_formats` handles the rest).
+dicts load as they are (`pretrain/model/timm_format.py` handles the rest).
 
 Initialisation is the official JAX code's (vision_transformer `models_vit.py`):
   * Dense kernels xavier-uniform; q, k and v are initialised as three separate D x D

@@ -20,10 +20,10 @@ import sharding
 from data_prep.config import PrepConfig
 from data_prep.convert import run_convert
 from data_prep.sources import SourceConfig
+from pretrain import weights
 from pretrain.data.loaders import DataConfig, build_eval_loader
 from pretrain.evaluate import run as evaluate
 from pretrain.model import create_model
-from pretrain.model import weight_formats as weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 import test_eval_sources as fakes  # noqa: E402  (the release-layout fakes)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from pretrain import weights
 from pretrain.evaluate import run as evaluate
 from pretrain.model import create_model
-from pretrain.model import weight_formats as weights
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "data"))

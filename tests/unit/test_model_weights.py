@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from pretrain.model import create_model
-from pretrain.model.weight_formats import (
-    create_timm_model,
-    from_timm,
-    infer_model_fields,
-    load_npz,
-    load_weights,
-    save_npz,
-    to_timm,
-)
+from pretrain.model.npz_format import load_npz, save_npz
+from pretrain.model.state_dict import infer_model_fields, load_weights
+from pretrain.model.timm_format import create_timm_model, from_timm, to_timm
 from vitscale_common.errors import UserError
 
 timm = pytest.importorskip("timm")

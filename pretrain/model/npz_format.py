@@ -1,112 +1,25 @@
-"""Weight import and export: timm state dicts, official JAX `.npz` checkpoints, checked loading.
+"""The official JAX checkpoints (`.npz`): the flattened flax parameter trees, both layouts.
 
-* `from_timm` / `to_timm`: our parameter names follow timm's `VisionTransformer` (and its
-  R50 hybrid), so the conversion is a check that every key means the same thing; the
-  timm features we do not implement (layer scale, register tokens, norm after pooling,
-  ...) and our pre-logits layer (timm has none) are reported, never dropped silently.
-* `load_npz` / `save_npz`: the flattened flax parameter trees of the official
-  vision_transformer code (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...`,
-  pos-emb with a class-token row) and of big_vision (`MultiHeadDotProductAttention_0`, pos-emb
-  `pos_embedding` without a class-token row, optionally stacked "scan" blocks). The layout
-  is detected from the keys. Arrays are read with `allow_pickle=False`.
-* `load_weights(model, state_dict)`: strict loading that names every missing, unexpected
-  and mismatched key, resampling the position embedding when only the grid differs.
+vision_transformer's (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/...`,
+pos-emb with a class-token row) and big_vision's (`MultiHeadDotProductAttention_0`, pos-emb
+`pos_embedding` without a class-token row, optionally stacked "scan" blocks). The layout
+is detected from the keys. Arrays are read with `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from pretrain.model.posemb import infer_grid_or_none, resample_posemb
+from pretrain.model.state_dict import StateDict, count_indices, strip_wrappers
 from vitscale_common.atomic import atomic_open
 from vitscale_common.errors import UserError
 
-StateDict = dict[str, torch.Tensor]
 
-# ----------------------------------------------------------------------------- timm
-# timm keys that stand for features our ViT does not have; loading them would change the math.
-_TIMM_UNSUPPORTED = re.compile(
-    r"(^|\.)(reg_token|ls1|ls2|q_norm|k_norm|norm_pre|fc_norm|attn_pool|dist_token|head_dist)\.|^(reg_token|dist_token)$"
-)
-
-
-def _strip_wrappers(state_dict: StateDict) -> StateDict:
-    """Drop the `module.` prefix that DataParallel/DeepSpeed wrappers add."""
-    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-
-
-def from_timm(state_dict: StateDict) -> StateDict:
-    """timm `VisionTransformer` (incl. `vit_base_r50_s16_*`) state dict -> ours."""
-    state_dict = _strip_wrappers(state_dict)
-    unsupported = sorted(k for k in state_dict if _TIMM_UNSUPPORTED.search(k))
-    if unsupported:
-        raise UserError(
-            "timm checkpoint uses features this ViT does not implement (build the timm model with "
-            f"fc_norm=False, no layer scale/registers): {', '.join(unsupported[:8])}"
-        )
-    return dict(state_dict)
-
-
-def to_timm(state_dict: StateDict) -> StateDict:
-    """Our state dict -> timm `VisionTransformer` layout (timm has no pre-logits layer)."""
-    state_dict = _strip_wrappers(state_dict)
-    pre_logits = sorted(k for k in state_dict if k.startswith("pre_logits."))
-    if pre_logits:
-        raise UserError(
-            f"timm's ViT has no pre-logits (representation) layer, cannot export {', '.join(pre_logits)}; "
-            "drop it first (model.reset_head(..., drop_pre_logits=True))"
-        )
-    return dict(state_dict)
-
-
-def timm_model_kwargs(cfg) -> tuple[str, dict]:
-    """The timm model name and kwargs that build the same network as our `ViTConfig`."""
-    if cfg.representation_size:
-        raise UserError("model.representation_size: timm's ViT has no pre-logits layer")
-    if cfg.posemb != "learn":
-        raise UserError(f"model.posemb={cfg.posemb!r}: only learned position embeddings map to timm")
-    mlp_ratio = cfg.mlp_dim / cfg.width
-    if int(mlp_ratio * cfg.width) != cfg.mlp_dim:
-        raise UserError(f"model.mlp_dim={cfg.mlp_dim} is not reachable with timm's mlp_ratio")
-    kwargs = dict(
-        img_size=cfg.img_hw,
-        in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes,
-        embed_dim=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.heads,
-        mlp_ratio=mlp_ratio,
-        class_token=cfg.pool == "token",
-        global_pool="token" if cfg.pool == "token" else "avg",
-        fc_norm=False,
-        no_embed_class=not cfg.posemb_class_token,
-        drop_rate=0.0,
-        pos_drop_rate=cfg.dropout,
-        proj_drop_rate=cfg.dropout,
-        attn_drop_rate=cfg.attn_dropout,
-    )
-    if cfg.resnet_layers:
-        if list(cfg.resnet_layers) != [3, 4, 9] or cfg.resnet_width != 64 or cfg.patch_size != 16:
-            raise UserError("only the R50 (3, 4, 9) stride-16 hybrid has a timm counterpart")
-        return "vit_base_r50_s16_224", kwargs
-    return "vit_base_patch16_224", dict(kwargs, patch_size=cfg.patch_size)
-
-
-def create_timm_model(cfg):
-    """timm's model of the same configuration (timm is a development dependency)."""
-    import timm
-
-    name, kwargs = timm_model_kwargs(cfg)
-    return timm.create_model(name, pretrained=False, **kwargs)
-
-
-# ----------------------------------------------------------------------------- npz layouts
 @dataclass(frozen=True)
 class Param:
     """One of our tensors and the flax arrays it is made of, with the conversions both ways."""
@@ -260,24 +173,18 @@ def _unscan(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _count(keys, pattern: str, first: int = 0) -> int:
-    """How many consecutive ids `pattern` captures in `keys`, ids starting at `first`."""
-    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 - first if found else 0
-
-
 def _layout_of_npz(arrays: dict[str, np.ndarray]) -> Layout:
     keys = arrays.keys()
     resnet = tuple(
         tuple(
             f"block{s}/unit{u}/conv_proj/kernel" in arrays
-            for u in range(1, 1 + _count(keys, rf"block{s}/unit(\d+)/", first=1))
+            for u in range(1, 1 + count_indices(keys, rf"block{s}/unit(\d+)/", first=1))
         )
-        for s in range(1, 1 + _count(keys, r"block(\d+)/unit", first=1))
+        for s in range(1, 1 + count_indices(keys, r"block(\d+)/unit", first=1))
     )
     return Layout(
         big_vision="pos_embedding" in arrays,
-        depth=_count(keys, r"Transformer/encoderblock_(\d+)/"),
+        depth=count_indices(keys, r"Transformer/encoderblock_(\d+)/"),
         heads=0,
         class_token="cls" in arrays,
         pre_logits="pre_logits/kernel" in arrays,
@@ -310,17 +217,17 @@ def load_npz(path: str | Path) -> StateDict:
 
 
 def _layout_of_state_dict(keys, heads: int, big_vision: bool) -> Layout:
-    stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
+    stages = count_indices(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
     resnet = tuple(
         tuple(
             f"patch_embed.backbone.stages.{s}.blocks.{u}.downsample.conv.weight" in keys
-            for u in range(_count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\."))
+            for u in range(count_indices(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\."))
         )
         for s in range(stages)
     )
     return Layout(
         big_vision,
-        _count(keys, r"blocks\.(\d+)\."),
+        count_indices(keys, r"blocks\.(\d+)\."),
         heads,
         "cls_token" in keys,
         "pre_logits.weight" in keys,
@@ -339,7 +246,7 @@ def save_npz(model: torch.nn.Module, path: str | Path, layout: Optional[str] = N
         raise UserError(f"npz layout {layout!r} unknown; expected 'vit' or 'big_vision'")
     if model.num_prefix_tokens and cfg.posemb_class_token != (layout == "vit"):
         raise UserError(f"npz layout {layout!r} needs model.posemb_class_token={str(layout == 'vit').lower()}")
-    sd = {k: v.detach().float().cpu().numpy() for k, v in _strip_wrappers(model.state_dict()).items()}
+    sd = {k: v.detach().float().cpu().numpy() for k, v in strip_wrappers(model.state_dict()).items()}
     lay = _layout_of_state_dict(sd.keys(), cfg.heads, big_vision=layout == "big_vision")
     arrays = {}
     for param in npz_params(lay):
@@ -354,86 +261,3 @@ def save_npz(model: torch.nn.Module, path: str | Path, layout: Optional[str] = N
     prefix = "params/" if lay.big_vision else ""
     with atomic_open(path, "wb") as f:
         np.savez(f, **{prefix + k: v for k, v in arrays.items()})
-
-
-def infer_model_fields(state_dict: StateDict) -> dict:
-    """ViTConfig fields a state dict fixes (width, depth, patch, head, pooling, pos-emb layout);
-    the number of heads is not recorded in a fused qkv and must come from the variant."""
-    keys = state_dict.keys()
-    proj = state_dict["patch_embed.proj.weight"]
-    class_token = "cls_token" in state_dict
-    fields = dict(
-        width=proj.shape[0],
-        depth=_count(keys, r"blocks\.(\d+)\."),
-        mlp_dim=state_dict["blocks.0.mlp.fc1.weight"].shape[0],
-        pool="token" if class_token else "gap",
-        num_classes=state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0,
-        representation_size=state_dict["pre_logits.weight"].shape[0] if "pre_logits.weight" in state_dict else None,
-        # big_vision: a class token but a square pos-emb (no class-token row)
-        posemb_class_token=not (class_token and infer_grid_or_none(state_dict["pos_embed"].shape[1]) is not None),
-    )
-    stem = state_dict.get("patch_embed.backbone.stem.conv.weight")
-    if stem is None:
-        fields["patch_size"] = proj.shape[-1]
-    else:  # hybrid: blocks per ResNet stage, stem width; tokens are the stride-2**(stages+1) feature map
-        stages = _count(keys, r"patch_embed\.backbone\.stages\.(\d+)\.")
-        fields["resnet_layers"] = [
-            _count(keys, rf"patch_embed\.backbone\.stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)
-        ]
-        fields["resnet_width"] = stem.shape[0]
-        fields["patch_size"] = 2 ** (stages + 1) * proj.shape[-1]
-    return fields
-
-
-# ----------------------------------------------------------------------------- checked loading
-def load_weights(
-    model: torch.nn.Module,
-    state_dict: StateDict,
-    *,
-    posemb_method: Optional[str] = "bicubic",
-    skip_prefixes: Sequence[str] = (),
-    source: str = "checkpoint",
-    source_grid: Optional[Sequence[int]] = None,
-) -> None:
-    """Load `state_dict` into `model` strictly; raise one UserError naming every missing,
-    unexpected or mismatched key. Keys under `skip_prefixes` (e.g. 'head.' before a head
-    reset) are ignored on both sides. A `pos_embed` on another grid is resampled with
-    `posemb_method` (None: treat it as a mismatch) from `source_grid` (default: square); a checkpoint pos-emb in the big_vision
-    layout (no class-token row) loads into a model with one by adding a zero row, which is exact."""
-    state_dict = _strip_wrappers(state_dict)
-    skip = lambda k: any(k.startswith(p) for p in skip_prefixes)
-    own = {k: v for k, v in model.state_dict().items() if not skip(k)}
-    incoming = {k: v for k, v in state_dict.items() if not skip(k)}
-    if "pos_embed" in incoming and "pos_embed" in own:
-        incoming["pos_embed"] = _fit_posemb(incoming["pos_embed"], model, posemb_method, source_grid)
-    problems = [f"missing {k}" for k in own if k not in incoming]
-    problems += [f"unexpected {k}" for k in incoming if k not in own]
-    problems += [
-        f"{k}: {source} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in incoming.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if problems:
-        raise UserError(f"{source} does not fit the model: {'; '.join(problems)}")
-    model.load_state_dict(incoming, strict=not skip_prefixes)
-
-
-def _fit_posemb(
-    posemb: torch.Tensor, model, method: Optional[str], source_grid: Optional[Sequence[int]]
-) -> torch.Tensor:
-    target = model.pos_embed
-    if posemb.shape == target.shape or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
-        return posemb
-    prefix = model.num_prefix_tokens if model.cfg.posemb_class_token else 0
-    rows = posemb.shape[1]
-    # Which layout: with a known source grid, count rows; else a square count means no class-token row.
-    no_prefix_row = rows == source_grid[0] * source_grid[1] if source_grid else infer_grid_or_none(rows) is not None
-    if model.num_prefix_tokens and not prefix and not no_prefix_row:
-        raise UserError(
-            "checkpoint pos_embed has a class-token row; build the model with model.posemb_class_token=true"
-        )
-    if prefix and no_prefix_row:  # big_vision layout into a model with a class-token row
-        posemb = torch.cat([posemb.new_zeros(1, prefix, posemb.shape[-1]), posemb], dim=1)
-    if method is None or posemb.shape == target.shape:
-        return posemb
-    return resample_posemb(posemb, model.grid_size, num_prefix_tokens=prefix, method=method, old_grid=source_grid)
