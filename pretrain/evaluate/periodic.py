@@ -1,7 +1,7 @@
 """Periodic evaluation during training (the `eval` section): top-1 / mAP on a held-out split
 and the paper's few-shot linear evaluation on frozen representations.
 
-The metrics themselves live in `pretrain.evaluate.run`; this only decides what to run, on
+The metrics themselves live in `pretrain.evaluate.features`; this only decides what to run, on
 which splits, and builds the loaders. Every rank calls the returned function together.
 """
 
@@ -12,7 +12,7 @@ from typing import Callable, List
 
 import torch
 
-from pretrain.evaluate import run as evaluate
+from pretrain.evaluate import features as evaluate
 
 
 @dataclass

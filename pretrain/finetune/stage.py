@@ -141,7 +141,7 @@ def final_evaluation(cfg: FinetuneConfig, model: torch.nn.Module, rank: int, wor
     """Top-1/top-5 on every held-out split at the fine-tuning resolution (collective)."""
     import sharding
     from pretrain.data.loaders import build_eval_loader
-    from pretrain.evaluate.run import evaluate_classification
+    from pretrain.evaluate.features import evaluate_classification
 
     dataset = sharding.open_dataset(cfg.data.path)
     results = {}

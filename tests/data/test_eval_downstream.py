@@ -22,7 +22,7 @@ from data_prep.convert import run_convert
 from data_prep.sources import SourceConfig
 from pretrain import weights
 from pretrain.data.loaders import DataConfig, build_eval_loader
-from pretrain.evaluate import run as evaluate
+from pretrain.evaluate import run as vit_eval
 from pretrain.model import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -126,7 +126,7 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
     model, path = timm_weights
     real = _real_json(tmp_path / "real.json")
     out = tmp_path / "results"
-    rc = evaluate.main(
+    rc = vit_eval.main(
         [
             str(path),
             "--model",
@@ -184,7 +184,7 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
 
 def test_vit_eval_at_another_resolution_resamples_posemb(imagenet, timm_weights, tmp_path):
     _, path = timm_weights
-    rc = evaluate.main(
+    rc = vit_eval.main(
         [
             str(path),
             "--model",
@@ -213,7 +213,7 @@ def test_vit_eval_real_needs_imagenet_val_names(tmp_path, timm_weights, capsys):
     ds_root = tmp_path / "pets"
     fakes._fake_pets(tmp_path / "pets_release")
     _convert("pets", tmp_path / "pets_release", ds_root)
-    rc = evaluate.main(
+    rc = vit_eval.main(
         [
             str(path),
             "--model",
@@ -238,7 +238,7 @@ def test_vit_eval_other_head_scores_only_the_representation(tmp_path, timm_weigh
     _, path = timm_weights  # a 4-class head; Pets here has 3 classes
     fakes._fake_pets(tmp_path / "release")
     _convert("pets", tmp_path / "release", tmp_path / "pets")
-    rc = evaluate.main(
+    rc = vit_eval.main(
         [
             str(path),
             "--model",

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pretrain import weights
-from pretrain.evaluate import run as evaluate
+from pretrain.evaluate import run as vit_eval
 from pretrain.model import create_model
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +54,7 @@ def test_two_ranks_match_one(tmp_path):
         "--batch-size",
         "4",
     ]
-    assert evaluate.main(args + ["--out", str(tmp_path / "ranks1")]) == 0
+    assert vit_eval.main(args + ["--out", str(tmp_path / "ranks1")]) == 0
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "pretrain.evaluate"]
     proc = subprocess.run(
         torchrun + args + ["--out", str(tmp_path / "ranks2")],

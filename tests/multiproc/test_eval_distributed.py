@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pretrain.evaluate import features as evaluate
 from pretrain.evaluate import metrics
-from pretrain.evaluate import run as evaluate
 
 NUM_CLASSES = 5
 DIM = 6
