@@ -27,7 +27,8 @@ import sharding
 from pretrain.data import transforms as T
 from sharding import format as fmt
 from sharding.plan import EpochPlan, StreamLayout, default_width
-from sharding.stream import RankStream, ShardIndex, ShardSource, check_error_rate, eval_batches, read_eval_batch
+from sharding.shard_source import ShardIndex, ShardSource
+from sharding.stream import RankStream, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
 from vitscale_common.errors import UserError
 

@@ -20,7 +20,8 @@ import torch
 
 from pretrain.data.loaders import DataConfig, build_eval_loader, build_train_loader
 from sharding.plan import EpochPlan, StreamLayout
-from sharding.stream import StreamError, evict_least_recent
+from sharding.shard_source import evict_least_recent
+from sharding.stream import StreamError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stream_dataset import exclude, sample_ids, write_dataset  # noqa: E402

@@ -13,7 +13,8 @@ import pytest
 
 from sharding import format as fmt
 from sharding.plan import StreamLayout
-from sharding.stream import RankStream, ShardRows, ShardSource, StreamError
+from sharding.shard_source import ShardRows, ShardSource
+from sharding.stream import RankStream, StreamError
 from sharding.writer import ShardTarWriter
 
 COUNTS = [23, 31, 17, 40, 9, 28]
