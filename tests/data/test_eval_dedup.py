@@ -17,7 +17,7 @@ import skimage.data
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from data_prep import dedup
+from data_prep import dedup, near_duplicates
 from data_prep.config import PrepConfig
 from data_prep.convert import run_convert
 from data_prep.sources import SourceConfig
@@ -127,11 +127,11 @@ def corpus():
 def test_planted_copies_found_and_no_false_positives(corpus, record_property):
     tests, planted, distinct = corpus
     assert len(distinct) >= 2000
-    test_sigs = dedup.signatures(((k, b) for k, b in tests), variants=True)
+    test_sigs = near_duplicates.signatures(((k, b) for k, b in tests), variants=True)
     pool = [(k, b) for k, b, _ in planted] + distinct
-    pool_sigs = dedup.signatures(pool, variants=False)
+    pool_sigs = near_duplicates.signatures(pool, variants=False)
     assert pool_sigs.keys == [k for k, _ in pool]  # every image decoded
-    matches = {m.key: m for m in dedup.find_matches(pool_sigs, test_sigs)}
+    matches = {m.key: m for m in near_duplicates.find_matches(pool_sigs, test_sigs)}
 
     truth = {k: src for k, _, src in planted}
     found = [k for k in truth if k in matches and matches[k].test_index == truth[k]]
@@ -140,8 +140,8 @@ def test_planted_copies_found_and_no_false_positives(corpus, record_property):
 
     # the margin: distances of planted copies to their own test image vs distinct images to any
     # exact distances up to 1.5x the threshold; beyond that a distinct image counts as inf
-    cutoff = 1.5 * dedup.THRESHOLD
-    dist, _ = dedup.near_distances(pool_sigs, test_sigs, cutoff=cutoff)
+    cutoff = 1.5 * near_duplicates.THRESHOLD
+    dist, _ = near_duplicates.near_distances(pool_sigs, test_sigs, cutoff=cutoff)
     per_image = np.full(len(pool), np.inf)
     np.minimum.at(per_image, pool_sigs.owner, dist)
     planted_d = np.sort(per_image[: len(planted)])
@@ -152,7 +152,7 @@ def test_planted_copies_found_and_no_false_positives(corpus, record_property):
         f"recall {recall:.3f} ({len(found)}/{len(truth)}), false positives {len(false_positives)}/"
         f"{len(distinct)}; planted distance 95th pct {planted_d[int(0.95 * len(planted_d)) - 1]:.1f}, "
         f"max finite {planted_d[np.isfinite(planted_d)].max():.1f}; nearest distinct {nearest}; "
-        f"threshold {dedup.THRESHOLD}; margin {margin:.1f}"
+        f"threshold {near_duplicates.THRESHOLD}; margin {margin:.1f}"
     )
     print(summary)
     record_property("dedup_margin", summary)
@@ -165,13 +165,13 @@ def test_planted_copies_found_and_no_false_positives(corpus, record_property):
 
 def test_flat_image_has_no_near_signature():
     flat = _jpeg(Image.new("RGB", (64, 64), (200, 30, 30)), 90)
-    sigs = dedup.signatures([("flat", flat)], variants=True)
+    sigs = near_duplicates.signatures([("flat", flat)], variants=True)
     assert sigs.keys == ["flat"] and len(sigs.owner) == 0
 
 
 def test_undecodable_image_is_reported_not_fatal():
     skipped = []
-    sigs = dedup.signatures([("bad", b"not an image")], variants=False, skipped=skipped)
+    sigs = near_duplicates.signatures([("bad", b"not an image")], variants=False, skipped=skipped)
     assert sigs.keys == [] and skipped[0][0] == "bad"
 
 
@@ -212,7 +212,7 @@ def test_cli_writes_exclusions_the_stream_honours_and_report(corpus, tmp_path):
             row = next(r for r in rows if r["key"] == pre_key[k])
             assert row["duplicate_of"] == f"downstream:train/{test_key[tests[src][0]]}"
             assert row["reason"] in ("near_duplicate_of_test_image", "exact_duplicate_of_test_image")
-            assert row["distance"] <= dedup.THRESHOLD
+            assert row["distance"] <= near_duplicates.THRESHOLD
     assert open_dataset(pre_dir).excluded_keys() >= planted_keys  # what the sample stream skips
     page = (pre_dir / "reports" / "dedup-pets.html").read_text()
     assert page.count("<tr>") == len(planted_keys) + 1 and page.count("data:image/jpeg") == 2 * len(planted_keys)
