@@ -25,9 +25,9 @@ without it. Both loops share the process, so the setting applies to both.
 
 The loops alternate in rounds of `--round` steps (default 1), so a change in the machine's
 load hits both alike. Prints the throughput ratio (ours / bare, over all timed steps) last,
-and before it the median of the rounds' ratios. On this project's shared 2-core VM, two
-runs of 60 one-step rounds agreed within 0.01 (ZeRO-2: 0.946 and 0.949), where runs of
-5-step rounds scattered over 0.93-0.97. Each round is its own `Trainer.fit` call, so ours also pays a progress bar
+and before it the median of the rounds' ratios. One-step rounds are the default because on
+a shared machine they agree run to run far better than longer rounds (docs/PERFORMANCE.md).
+Each round is its own `Trainer.fit` call, so ours also pays a progress bar
 and a log line every step, which a real run does not: the bias is against us.
 """
 

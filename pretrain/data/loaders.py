@@ -145,6 +145,18 @@ def _targets(labels: list, multi_label: bool) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.int64)
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this worker's index, the number of workers) inside a loader process; (0, 1) outside one."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _worker_loader(dataset: IterableDataset, workers: int, prefetch: int) -> DataLoader:
+    """Already-batched items from `workers` processes (0: in this one), pinned when a GPU takes them."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=prefetch if workers else None,
+                      pin_memory=torch.cuda.is_available())  # fmt: skip
+
+
 # -- training ----------------------------------------------------------------------------------
 class _TrainBatches(IterableDataset):
     """One rank's batches from a resume point; inside a loader process, that worker's every K-th step."""
@@ -154,8 +166,7 @@ class _TrainBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         L = self.loader
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = _worker_share()
         decode = SampleDecoder(L.cfg, L.img_size, True, L.split.num_classes, L.split.multi_label)
         stream = RankStream(
             L.split.source, L.split.counts, L.layout, seed=L.seed, buffer=L.cfg.shuffle_buffer, decode=decode,
@@ -191,12 +202,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         dataset = _TrainBatches(self, self.epoch, self.step)
-        workers = self.cfg.workers
-        loader = DataLoader(
-            dataset, batch_size=None, num_workers=workers,
-            prefetch_factor=self.cfg.prefetch if workers else None, pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
-        for batch in loader:
+        for batch in _worker_loader(dataset, self.cfg.workers, self.cfg.prefetch):
             if (batch["epoch"], batch["step"]) != (self.epoch, self.step):
                 got, want = f"{batch['epoch']}/{batch['step']}", f"{self.epoch}/{self.step}"
                 raise RuntimeError(f"loader out of order: got epoch/step {got}, want {want}")
@@ -250,8 +256,7 @@ class _EvalBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         L = self.loader
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, workers = _worker_share()
         decode = SampleDecoder(L.cfg, L.img_size, False, L.split.num_classes, L.split.multi_label)
         counters: collections.Counter = collections.Counter()
         blank = (np.zeros((L.img_size, L.img_size, 3), np.uint8), decode.label_placeholder())
@@ -279,10 +284,7 @@ class EvalLoader:
         return len(self.batches)
 
     def __iter__(self):
-        workers = min(self.cfg.workers, len(self.batches))
-        return iter(DataLoader(_EvalBatches(self), batch_size=None, num_workers=workers,
-                               prefetch_factor=self.cfg.prefetch if workers else None,
-                               pin_memory=torch.cuda.is_available()))  # fmt: skip
+        return iter(_worker_loader(_EvalBatches(self), min(self.cfg.workers, len(self.batches)), self.cfg.prefetch))
 
 
 def build_eval_loader(cfg: DataConfig, split: str, *, img_size: int, batch_size: int, rank: int,

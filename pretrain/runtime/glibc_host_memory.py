@@ -4,13 +4,12 @@ PyTorch's CPU tensors come from malloc, and glibc serves every block above its m
 threshold (a few MiB, 32 MiB at most) with a fresh mapping that free() unmaps again.
 DeepSpeed's ZeRO-1/2 optimizer frees and re-allocates model-sized buffers every step (the
 gradient bucket, the flat gradient partition), so on a CPU rank the kernel maps and zeroes
-those pages anew each step: ViT-S/16 on one thread took 66,000 page faults a step, and
-ZeRO-1 ran at 0.83-0.87 of a bare loop's speed, 0.93-0.96 with reuse
-(`benchmarks/trainer_overhead.py`). With mmap and trimming off, glibc keeps freed blocks
-and hands them out again. The price is memory: the heap settles above the peak of live memory
-(a small allocation can take the start of a freed block, so the next big one extends the
-heap) and is kept; +0.03-0.08 GB of peak RSS in that benchmark's process, +0.9 GiB per rank
-for ViT-H/14 ZeRO-3 (`benchmarks/zero3_memory.py`), flat from the second step on.
+those pages anew each step, a large share of a CPU step's time (docs/PERFORMANCE.md has
+the page faults and step ratios, from `benchmarks/trainer_overhead.py`). With mmap and
+trimming off, glibc keeps freed blocks and hands them out again. The price is memory: the
+heap settles above the peak of live memory (a small allocation can take the start of a
+freed block, so the next big one extends the heap) and is kept, flat from the second step
+on (`benchmarks/zero3_memory.py`).
 
 GPU ranks are left alone: their per-step buffers live in CUDA's caching allocator already.
 """

@@ -72,8 +72,8 @@ def deepspeed_config(
         # Stages 1-2: one all-reduce of each whole bucket. DeepSpeed's "reduce_scatter" path
         # there all-reduces too (its default use_multi_rank_bucket_allreduce), but first copies
         # the bucket's slices into a new tensor and afterwards copies them back: same traffic,
-        # two more passes over the gradients (bf16 ZeRO-2 on one CPU rank: 0.893 -> 0.910 of
-        # the bare loop). Stage 3's reduce-scatter is a real one (half the traffic): kept.
+        # two more passes over the gradients. Stage 3's reduce-scatter is a real one (half
+        # the traffic): kept.
         "reduce_scatter": cfg.stage == 3,
     }
     if cfg.stage == 3:
