@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch and torchvision first, pinned, so nothing else pulls in a different build.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test system-deps venv clean
+.PHONY: demo test lint format system-deps venv clean
 
 venv: $(VENV)/.installed
 
@@ -26,10 +26,20 @@ system-deps:
 demo: venv
 	$(BIN)/vit-demo
 
+# Lint, format and the import layers (docs/ARCHITECTURE.md), checked before any test runs.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself.
 # One OpenMP thread per process: the multi-process tests run several ranks on few cores,
 # where oversubscribed thread pools make small tensor ops orders of magnitude slower.
-test: venv system-deps
+test: venv system-deps lint
 	OMP_NUM_THREADS=1 $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 clean:
