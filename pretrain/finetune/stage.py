@@ -35,14 +35,12 @@ INIT_JSON = "init.json"  # what the start did (source, resolution and grid chang
 
 @dataclass
 class InitConfig:
-    weights: Optional[str] = (
-        None  # run dir, its export/, timm .safetensors/.pth, or official .npz; null/empty = random init
-    )
+    # run dir, its export/, timm .safetensors/.pth, or official .npz; null/empty = random init
+    weights: Optional[str] = None
     reset_head: bool = True  # replace the pretraining head with a zero-initialised one for the target classes
     drop_representation: bool = True  # drop the pre-logits (Dense + tanh) layer, as the official fine-tuning does
-    posemb_method: str = (
-        "bicubic"  # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
-    )
+    # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
+    posemb_method: str = "bicubic"
     linear_probe: bool = False  # freeze everything but the head (quick transfer check)
 
     def validate(self, where: str = "init") -> None:

@@ -140,15 +140,13 @@ class ViTConfig:
     mlp_dim: int = 3072  # MLP hidden size
     num_classes: int = 1000  # head outputs; 0 = no head (forward returns the pooled representation)
     pool: str = "token"  # 'token': class token (paper default) | 'gap': mean of patch tokens, no class token
-    representation_size: Optional[int] = (
-        None  # pre-logits Linear + tanh of this width (paper's pretraining); None = none
-    )
+    # pre-logits Linear + tanh of this width (paper's pretraining); None = none
+    representation_size: Optional[int] = None
     dropout: float = 0.0  # dropout after pos-emb, attention projection and MLP layers (paper: 0.1 for ImageNet-21k)
     attn_dropout: float = 0.0  # dropout on attention weights
     posemb: str = "learn"  # 'learn': learned 1D position embedding (paper) | 'sincos2d': fixed 2D sin-cos
-    posemb_class_token: bool = (
-        True  # pos-emb has a class-token row (vision_transformer, timm); False = big_vision layout
-    )
+    # pos-emb has a class-token row (vision_transformer, timm); False = big_vision layout
+    posemb_class_token: bool = True
     head_bias_init: float = 0.0  # initial head bias (-10 for sigmoid cross-entropy pretraining)
     activation_checkpointing: bool = False  # recompute each block in backward to save activation memory
     resnet_layers: List[int] = field(

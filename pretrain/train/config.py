@@ -32,9 +32,8 @@ class RunConfig:
     seed: int = 0  # seeds the model init, data order and augmentation
     dist_timeout_s: float = 1800.0  # collective-operation timeout (a dead peer fails the job after this)
     threads: int = 0  # torch intra-op threads per rank on CPU (0: torch's default)
-    reuse_host_memory: bool = (
-        True  # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/runtime/glibc_host_memory.py)
-    )
+    # CPU ranks: malloc keeps freed buffers for reuse (see pretrain/runtime/glibc_host_memory.py)
+    reuse_host_memory: bool = True
 
 
 @dataclass
