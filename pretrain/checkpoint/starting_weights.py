@@ -178,6 +178,33 @@ def _group(keys: list[str]) -> list[str]:
     return [f"{mod}.*" if len(ks) > 1 else ks[0] for mod, ks in out.items()]
 
 
+def _source_grid(source: Source, rows: int, cfg: ViTConfig, given: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The patch grid of the source's pos-emb: recorded by the source, else given, else square."""
+    recorded = tuple(source.model.grid_size) if source.model else None
+    if recorded and given and tuple(given) != recorded:
+        raise UserError(
+            f"init.source_grid: {given[0]}x{given[1]}, but {source.path} records a "
+            f"{recorded[0]}x{recorded[1]} patch grid; leave init.source_grid unset"
+        )
+    if recorded:
+        return recorded
+    if given:
+        h, w = (int(n) for n in given)
+        if rows not in (h * w, h * w + cfg.num_prefix_tokens):
+            raise UserError(
+                f"init.source_grid: {h}x{w} does not hold the {rows} rows of {source.path}'s position embedding"
+            )
+        return (h, w)
+    grid = _grid_of(rows, cfg)
+    h, w = cfg.grid_size
+    if grid is None and rows not in (h * w, h * w + cfg.num_prefix_tokens):
+        raise UserError(
+            f"{source.path}: its position embedding has {rows} rows, not a square patch grid, and the file "
+            "records no grid; give it (vit-finetune: init.source_grid=[H,W])"
+        )
+    return grid
+
+
 def _grid_of(rows: int, cfg: ViTConfig) -> tuple[int, int] | None:
     """The patch grid of a pos-emb with `rows` rows (with or without a class-token row)."""
     from pretrain.model.posemb import infer_grid_or_none
@@ -188,14 +215,21 @@ def _grid_of(rows: int, cfg: ViTConfig) -> tuple[int, int] | None:
 
 
 def fit_to_model(
-    source: Source, model: nn.Module, *, reset_head: bool = True, posemb_method: str = "bicubic"
+    source: Source,
+    model: nn.Module,
+    *,
+    reset_head: bool = True,
+    posemb_method: str = "bicubic",
+    source_grid: tuple[int, int] | None = None,
 ) -> InitReport:
     """Load `source` into `model` (built for the target task and resolution), in place.
 
     The head is taken from the source only when `reset_head` is False (then its shape must
     match); the source's pre-logits layer is used when the model has one, dropped when not.
     Position embeddings are resampled to the model's grid when it differs
-    (`pretrain.model.state_dict.load_weights`, which names every key that does not fit).
+    (`pretrain.model.state_dict.load_weights`, which names every key that does not fit), from
+    the source's patch grid: the one its config records (run directories, exports), else
+    `source_grid` (for timm and npz files, which record none), else the square one.
     """
     from pretrain.model.state_dict import load_weights
 
@@ -210,7 +244,7 @@ def fit_to_model(
     grid_dst = tuple(cfg.grid_size)
     grid_src = None
     if "pos_embed" in state:
-        grid_src = source.model.grid_size if source.model else _grid_of(state["pos_embed"].shape[1], cfg)
+        grid_src = _source_grid(source, state["pos_embed"].shape[1], cfg, source_grid)
     with _gathered(model):
         load_weights(
             model,
@@ -218,6 +252,7 @@ def fit_to_model(
             posemb_method=posemb_method,
             skip_prefixes=HEAD_PREFIXES if reset_head else (),
             source=str(source.path),
+            source_grid=grid_src,
         )
     res_src = (
         source.model.img_hw

@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -42,12 +42,17 @@ class InitConfig:
     # pos-emb resampling: bicubic (antialiased, timm) | bicubic_no_antialias | linear (JAX parity)
     posemb_method: str = "bicubic"
     linear_probe: bool = False  # freeze everything but the head (quick transfer check)
+    # [H, W] patch grid of init.weights' position embedding, for timm and .npz files, which
+    # record none; run directories and exports record theirs. Unset: a square grid.
+    source_grid: Optional[List[int]] = None
 
     def validate(self, where: str = "init") -> None:
         if self.posemb_method not in POSEMB_METHODS:
             raise ConfigError(
                 f"{where}.posemb_method: must be one of {', '.join(POSEMB_METHODS)}, got {self.posemb_method!r}"
             )
+        if self.source_grid is not None and (len(self.source_grid) != 2 or min(self.source_grid) <= 0):
+            raise ConfigError(f"{where}.source_grid: must be [H, W] with H, W > 0, got {list(self.source_grid)}")
         if not self.reset_head and self.linear_probe:
             raise ConfigError(f"{where}.linear_probe: trains only a new head; it needs init.reset_head=true")
 
@@ -201,7 +206,13 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
         model = build_model(model_cfg)
         rank = distributed.detect().rank
         if source is not None:
-            report = fit_to_model(source, model, reset_head=cfg.init.reset_head, posemb_method=cfg.init.posemb_method)
+            report = fit_to_model(
+                source,
+                model,
+                reset_head=cfg.init.reset_head,
+                posemb_method=cfg.init.posemb_method,
+                source_grid=tuple(cfg.init.source_grid) if cfg.init.source_grid else None,
+            )
             init = {**report.as_dict(), "lines": report.lines() + [f"init: {n}" for n in notes]}
             source.state.clear()  # the model holds the weights now; a ViT-H source is 2.5 GB per rank
             for line in init["lines"]:

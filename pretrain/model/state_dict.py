@@ -93,7 +93,9 @@ def _fit_posemb(
     posemb: torch.Tensor, model, method: Optional[str], source_grid: Optional[Sequence[int]]
 ) -> torch.Tensor:
     target = model.pos_embed
-    if posemb.shape == target.shape or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
+    # A grid of the same cell count (2x8 into 4x4) is a different grid all the same.
+    same_grid = source_grid is None or tuple(source_grid) == tuple(model.grid_size)
+    if (posemb.shape == target.shape and same_grid) or posemb.ndim != 3 or posemb.shape[-1] != target.shape[-1]:
         return posemb
     prefix = model.num_prefix_tokens if model.cfg.posemb_class_token else 0
     rows = posemb.shape[1]
@@ -105,6 +107,6 @@ def _fit_posemb(
         )
     if prefix and no_prefix_row:  # big_vision layout into a model with a class-token row
         posemb = torch.cat([posemb.new_zeros(1, prefix, posemb.shape[-1]), posemb], dim=1)
-    if method is None or posemb.shape == target.shape:
+    if method is None or (posemb.shape == target.shape and same_grid):
         return posemb
     return resample_posemb(posemb, model.grid_size, num_prefix_tokens=prefix, method=method, old_grid=source_grid)

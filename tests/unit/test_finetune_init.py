@@ -176,3 +176,32 @@ def test_interpolated_posemb_keeps_accuracy_at_twice_the_resolution(pretrained_1
     # "About chance" needs a model that cannot read digits from unordered patches; this tiny one
     # partly can, so the bound is loose: far below the interpolated model, and below 0.4.
     assert results["reinit"] <= 0.4 and results["reinit"] <= 0.5 * results["bicubic"], results
+
+
+@pytest.mark.parametrize("src_hw", [(8, 32), (8, 12)])  # 2x8 and 2x3 patch grids
+@pytest.mark.parametrize("dst_hw", [(16, 16), (16, 64)])  # 4x4 and 4x16
+def test_non_square_source_grids_resample_as_timm(src_hw, dst_hw):
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    pre = tiny(img_size=src_hw[0], img_width=src_hw[1])
+    src_grid = pre.cfg.grid_size
+    want = resample_abs_pos_embed(
+        pre.pos_embed.detach(), new_size=[dst_hw[0] // 4, dst_hw[1] // 4], old_size=list(src_grid), num_prefix_tokens=1
+    )
+    # a run or export records its grid; a timm file does not and takes it from init.source_grid
+    for source, grid in [(source_of(pre), None), (Source("<timm>", "timm", dict(pre.state_dict())), src_grid)]:
+        target = tiny(img_size=dst_hw[0], img_width=dst_hw[1])
+        report = fit_to_model(source, target, source_grid=grid)
+        assert report.grid == (src_grid, target.cfg.grid_size)
+        torch.testing.assert_close(target.pos_embed.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_a_non_square_grid_nothing_records_is_asked_for():
+    pre = tiny(img_size=8, img_width=12)  # 2x3: 6 rows are no square
+    with pytest.raises(UserError, match=r"init.source_grid=\[H,W\]"):
+        fit_to_model(Source("<timm>", "timm", dict(pre.state_dict())), tiny())
+    with pytest.raises(UserError, match="does not hold the 7 rows"):
+        fit_to_model(Source("<timm>", "timm", dict(pre.state_dict())), tiny(), source_grid=(2, 4))
+    with pytest.raises(UserError, match="records a 2x3 patch grid"):
+        fit_to_model(source_of(pre), tiny(), source_grid=(3, 2))
