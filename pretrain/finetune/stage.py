@@ -200,7 +200,6 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
     elif cfg.init.weights:
         source = read_source(cfg.init.weights)
         notes = adopt_source_shape(cfg, source)
-    held: dict[str, Any] = {}
 
     def build(model_cfg):
         model = build_model(model_cfg)
@@ -226,20 +225,18 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
             say(rank, "init: random initialisation (init.weights is not set)")
         if cfg.init.linear_probe:
             say(rank, f"init: linear probe, {freeze_backbone(model):,} trainable parameters (the head)")
-        held["model"] = model
         return model
 
-    # ---------------------------------------------------------------- train (shared loop)
-    rc = run_training(cfg, build_model=build, force=force)
-    if rc != 0:
-        return rc
-
     # ---------------------------------------------------------------- final evaluation
-    env = distributed.detect()
-    model = held["model"]
-    ema = bool(cfg.train.ema_decay) and use_ema_weights(model, run_dir)
-    results = final_evaluation(cfg, model, env.rank, env.world_size)
-    if env.rank == 0:
+    def finish(model: torch.nn.Module) -> None:
+        """Collective, before the process group goes: every rank scores its share of each split."""
+        env = distributed.detect()
+        ema = bool(cfg.train.ema_decay) and use_ema_weights(model, run_dir)
+        results = final_evaluation(cfg, model, env.rank, env.world_size)
+        if env.rank == 0:
+            _report(ema, results)
+
+    def _report(ema: bool, results: dict[str, dict]) -> None:
         init = json.loads((run_dir / INIT_JSON).read_text()) if (run_dir / INIT_JSON).is_file() else None
         summary = {
             "run_dir": cfg.run.dir,
@@ -253,7 +250,9 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
         }
         write_results(run_dir, summary)
         print(results_markdown(summary), file=sys.stderr)
-    return 0
+
+    # ---------------------------------------------------------------- train (shared loop)
+    return run_training(cfg, build_model=build, force=force, finish=finish)
 
 
 def parse_args(argv):

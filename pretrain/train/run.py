@@ -56,11 +56,15 @@ def check_resumable(saved: dict, cfg, dataset_digest: str, *, force: bool) -> No
         print(f"warning: resuming despite changes to {', '.join(changed)} (--force)", file=sys.stderr)
 
 
-def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
+def run_training(
+    cfg, *, build_model: Callable, force: bool = False, finish: Callable[[torch.nn.Module], None] | None = None
+) -> int:
     """Train per `cfg` (sections run, model, data, train, zero, checkpoint, eval); returns the exit code.
 
     `build_model(model_cfg)` constructs the network (fine-tuning passes one that loads
-    its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`.
+    its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`. `finish(model)`
+    runs on every rank once training is complete, while the process group is still up, so
+    it may be collective (the fine-tune stage's final evaluation over all ranks' shares).
     """
     import sharding
     from pretrain.data.loaders import build_train_loader
@@ -191,6 +195,8 @@ def run_training(cfg, *, build_model: Callable, force: bool = False) -> int:
         watchdog.stop()
         stop.uninstall()
         log.close()
+    if outcome == "done" and finish is not None:
+        finish(engine.module)
     distributed.shutdown()
     if outcome == "stopped":
         say(

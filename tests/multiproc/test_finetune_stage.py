@@ -208,3 +208,38 @@ def test_linear_probe_changes_only_the_head(shards, pretrained, tmp_path):
     backbone = [k for k in start if not k.startswith("head.") and k != "pos_embed"]
     assert backbone and all(torch.equal(trained[k], start[k]) for k in backbone)
     assert trained["head.weight"].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_final_scores_on_two_ranks_cover_every_sample(shards, pretrained, tmp_path, stage):
+    """results.json of a 2-rank fine-tune counts every held-out sample, and its scores are a
+    one-process vit-eval's of the exported weights (the ranks' shares summed, not rank 0's)."""
+    import socket
+
+    from pretrain.evaluate import run as vit_eval
+
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}"]
+    cmd = (
+        torchrun
+        + command(run, shards, str(pretrained), "train.steps=6", "train.ema_decay=0.0", f"zero.stage={stage}")[1:]
+    )
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    scores = results(run)["results"]
+    assert {split: r["samples"] for split, r in scores.items()} == {"val": 179, "test": 180}
+
+    p = subprocess.run([str(BIN / "vit-export"), str(run), "--out", str(tmp_path / "w.safetensors")], env=env(),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    for split in ("val", "test"):
+        args = [str(tmp_path / "w.safetensors"), "--data", str(shards), "--split", split, "--workers", "0"]
+        assert vit_eval.main([*args, "--out", str(tmp_path / "eval")]) == 0
+        (one_process,) = (tmp_path / "eval").glob(f"*-{split}-32px.json")
+        want = json.loads(one_process.read_text())["results"]
+        assert scores[split]["samples"] == want["samples"]
+        assert scores[split]["top1"] == pytest.approx(want["top1"], abs=1e-12), split
