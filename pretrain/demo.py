@@ -79,13 +79,14 @@ def launcher(nproc: int, module: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
 
 
-def test_top1(eval_dir: Path, resolution: int) -> float:
+def test_scores(eval_dir: Path, resolution: int) -> dict:
+    """vit-eval's test-split results at `resolution`: samples scored, top-1, top-5."""
     (result,) = eval_dir.glob(f"*-test-{resolution}px.json")
-    return json.loads(result.read_text())["results"]["top1"]
+    return json.loads(result.read_text())["results"]
 
 
-def summary_table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+def summary_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     out = [line]
     for n, row in enumerate(rows):
@@ -173,13 +174,13 @@ def main(argv=None) -> int:
             [python, "-m", "pretrain.inspection.run", str(paths.finetune), "--out", str(paths.report)],
         )
 
-    finetuned = json.loads((paths.finetune / "results.json").read_text())["results"]["test"]["top1"]
-    rows = [
-        ("model", "test images at", "test top-1"),
-        ("pretrained", f"{PRETRAIN_RES} px", f"{test_top1(paths.evals, PRETRAIN_RES):.4f}"),
-        ("pretrained, pos-emb interpolated", f"{FINETUNE_RES} px", f"{test_top1(paths.evals, FINETUNE_RES):.4f}"),
-        ("fine-tuned", f"{FINETUNE_RES} px", f"{finetuned:.4f}"),
+    scored = [
+        ("pretrained", PRETRAIN_RES, test_scores(paths.evals, PRETRAIN_RES)),
+        ("pretrained, pos-emb interpolated", FINETUNE_RES, test_scores(paths.evals, FINETUNE_RES)),
+        ("fine-tuned", FINETUNE_RES, json.loads((paths.finetune / "results.json").read_text())["results"]["test"]),
     ]
+    rows = [("model", "images at", "test images scored", "test top-1")]
+    rows += [(name, f"{res} px", str(r["samples"]), f"{r['top1']:.4f}") for name, res, r in scored]
     print("\n" + summary_table(rows))
     print("\ntime: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(

@@ -109,25 +109,54 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def device_index(local_rank: int, visible: int) -> int | None:
+    """Which of the GPUs this process sees it uses (None: no GPU).
+
+    Where every rank of a node sees all its GPUs (torchrun, the deepspeed launcher, srun
+    without GPU binding) that is the local rank; where srun binds GPUs per task
+    (`--gpus-per-task=1`) each task sees one device, 0, whatever its local rank.
+    """
+    if visible == 0:
+        return None
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(
+        f"local rank {local_rank} but only {visible} GPUs are visible to it: run one rank per GPU "
+        "(srun: --ntasks-per-node equal to the GPUs per node, or --gpus-per-task=1)"
+    )
+
+
 def device(dist_env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist_env.local_rank)
-        return torch.device("cuda", dist_env.local_rank)
-    return torch.device("cpu")
+    index = device_index(dist_env.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if index is None:
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def exported_env(dist_env: DistEnv, visible_gpus: int) -> dict[str, str]:
+    """The variables DeepSpeed and torch.distributed read. DeepSpeed picks its GPU from
+    LOCAL_RANK, so on GPUs that is the device index among the visible ones."""
+    index = device_index(dist_env.local_rank, visible_gpus)
+    return {
+        "RANK": str(dist_env.rank),
+        "LOCAL_RANK": str(dist_env.local_rank if index is None else index),
+        "WORLD_SIZE": str(dist_env.world_size),
+        "MASTER_ADDR": dist_env.master_addr,
+        "MASTER_PORT": str(dist_env.master_port),
+    }
 
 
 def init_process_group(dist_env: DistEnv, timeout_s: float) -> None:
     """Join the job's process group (DeepSpeed's helper, so its comm layer knows it)."""
     import deepspeed
 
-    # DeepSpeed and torch.distributed read these; srun and single runs do not export them.
-    os.environ.update(
-        RANK=str(dist_env.rank),
-        LOCAL_RANK=str(dist_env.local_rank),
-        WORLD_SIZE=str(dist_env.world_size),
-        MASTER_ADDR=dist_env.master_addr,
-        MASTER_PORT=str(dist_env.master_port),
-    )
+    # srun and single runs do not export these; under srun's per-task GPU binding the local
+    # rank is not the device index DeepSpeed would take it for.
+    os.environ.update(exported_env(dist_env, torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    device(dist_env)
     deepspeed.init_distributed(
         dist_backend=backend(),
         auto_mpi_discovery=False,

@@ -13,6 +13,7 @@ from pretrain.train.loop import TrainConfig, loss_fn
 from pretrain.zero.engine import ZeroConfig, deepspeed_config
 from pretrain.zero.optimizer import OptimConfig, WarmupDecay
 from vitscale_common.config_loader import ConfigError
+from vitscale_common.errors import UserError
 
 
 @pytest.fixture
@@ -150,3 +151,29 @@ def test_stop_request_records_the_signal_until_asked():
         assert stop.requested and stop.signum == signal.SIGUSR1
     finally:
         stop.uninstall()
+
+
+@pytest.mark.parametrize(
+    "launch, env, visible, device",
+    [
+        ("torchrun", {"RANK": "11", "LOCAL_RANK": "3", "WORLD_SIZE": "16"}, 8, 3),
+        ("deepspeed launcher", {"RANK": "5", "LOCAL_RANK": "5", "WORLD_SIZE": "8"}, 8, 5),
+        ("srun, node-wide GPUs", {"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_STEP_NUM_TASKS": "16"}, 8, 5),
+        ("srun, --gpus-per-task=1", {"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_STEP_NUM_TASKS": "16"}, 1, 0),
+        ("one process", {}, 1, 0),
+        ("one process on the CPU", {}, 0, None),
+    ],
+)
+def test_each_rank_takes_a_gpu_it_can_see(launch, env, visible, device):
+    env = {**env, "MASTER_ADDR": "n1", "MASTER_PORT": "29500", "SLURM_STEP_NODELIST": "n[1-2]"}
+    d = distributed.detect(env)
+    assert distributed.device_index(d.local_rank, visible) == device, launch
+    exported = distributed.exported_env(d, visible)
+    # DeepSpeed sets its device from LOCAL_RANK: it must name a visible device.
+    assert exported["LOCAL_RANK"] == str(d.local_rank if device is None else device), launch
+    assert exported["RANK"] == str(d.rank) and exported["WORLD_SIZE"] == str(d.world_size)
+
+
+def test_more_ranks_than_visible_gpus_is_refused():
+    with pytest.raises(UserError, match="local rank 5 but only 4 GPUs are visible"):
+        distributed.device_index(5, 4)
