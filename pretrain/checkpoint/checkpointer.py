@@ -26,12 +26,15 @@ import random
 import re
 import shutil
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pretrain.checkpoint.reports import SaveReports
 from pretrain.checkpoint.writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
 from pretrain.runtime.collectives import all_reduce_flags, barrier
 from vitscale_common.atomic import atomic_write_text, remove_stale_temps
@@ -85,16 +88,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- manifest
-def _listing(folder: Path) -> dict[str, int]:
-    return {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.relative_to(folder).parts[0] == UNIVERSAL_DIR
-    }
-
-
-def write_manifest(folder: Path, step: int) -> None:
-    files = _listing(folder)
+def write_manifest(folder: Path, step: int, files: dict[str, int]) -> None:
+    """The commit: `files` (every rank's reported files and sizes) make `folder` resumable."""
     body = {"step": step, "files": files, "bytes": sum(files.values())}
     atomic_write_text(folder / MANIFEST, json.dumps(body, indent=1, sort_keys=True))
 
@@ -145,6 +140,9 @@ class Checkpointer:
     def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, world_size: int):
         self.root, self.cfg, self.rank, self.world_size = Path(root), cfg, rank, world_size
         self.pending: BackgroundWrite | None = None  # a save still being written
+        self.reports = SaveReports(rank, world_size)
+        self._committer: threading.Thread | None = None  # rank 0: commits the background save
+        self._commit_error: str | None = None
 
     def clean_incomplete(self) -> dict[Path, str]:
         """Delete interrupted saves (reported), so a re-save of the same step starts clean."""
@@ -162,8 +160,9 @@ class Checkpointer:
         """Collective: DeepSpeed's shards, RNG per rank, our state, then the manifest.
 
         With `checkpoint.async_save` and not `final`, this returns once the state is copied
-        to host memory; a thread writes the files and the next `save` or `finish` writes the
-        manifest. A `final` save (before a stop, at the end) is on disk when this returns.
+        to host memory; a thread on each rank writes its files and reports them, and a thread
+        on rank 0 commits the checkpoint (manifest, `latest`) as soon as every rank has. A
+        `final` save (before a stop, at the end) is committed when this returns.
         """
         from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
 
@@ -176,20 +175,33 @@ class Checkpointer:
         background = self.cfg.async_save and not final
         captured: list[PendingFile] = []
         writes = route_writes(engine)
+        writes.written = []
         # ZeRO-1/2 checkpoints need this marker for the universal (other world size) conversion.
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.2}}
-        with writes.capturing(captured) if background else contextlib.nullcontext():
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
-        ours = [PendingFile(folder / f"rng-rank{self.rank:05d}.pt", rng_state())]
+        try:
+            with writes.capturing(captured) if background else contextlib.nullcontext():
+                engine.save_checkpoint(str(self.root), tag=tag, client_state=info, save_latest=False)
+            ours = [PendingFile(folder / f"rng-rank{self.rank:05d}.pt", rng_state())]
+            if self.rank == 0:
+                ours.append(PendingFile(folder / STATE_FILE, {**state, "world_size": self.world_size}))
+            if background:
+                captured += [dataclasses.replace(f, obj=host_copy(f.obj)) for f in ours]
+                self.pending = BackgroundWrite(folder, step, captured, report=partial(self.reports.publish, folder))
+                if self.rank == 0:
+                    self._committer = threading.Thread(
+                        target=self._commit_in_background, args=(folder, step), name=f"commit-{tag}", daemon=True
+                    )
+                    self._committer.start()
+                return folder
+            for f in ours:
+                write_file(f.path, f.obj)
+        except BaseException as e:  # rank 0 must not wait for this rank's report
+            self.reports.publish(folder, [], f"{type(e).__name__}: {e}")
+            raise
+        self.reports.publish(folder, writes.written + [f.path for f in ours], None)
         if self.rank == 0:
-            ours.append(PendingFile(folder / STATE_FILE, {**state, "world_size": self.world_size}))
-        if background:
-            captured += [dataclasses.replace(f, obj=host_copy(f.obj)) for f in ours]
-            self.pending = BackgroundWrite(folder, step, captured)
-            return folder
-        for f in ours:
-            write_file(f.path, f.obj)
-        self._commit(folder, step)
+            self._commit(folder, step)
+        barrier()  # the commit is done when every rank returns
         return folder
 
     def finish(self) -> Path | None:
@@ -198,19 +210,30 @@ class Checkpointer:
             return None
         pending, self.pending = self.pending, None
         error = pending.wait()
+        if self._committer is not None:
+            self._committer.join()
+            self._committer = None
+        error, self._commit_error = error or self._commit_error, None
         if all_reduce_flags(error is not None)[0]:
             where = f"on rank {self.rank}: {error}" if error else "on another rank"
             raise UserError(f"{pending.folder}: writing the checkpoint failed {where}")
-        self._commit(pending.folder, pending.step)
         return pending.folder
 
-    def _commit(self, folder: Path, step: int) -> None:
-        barrier()  # every rank's files are on disk before the manifest vouches for them
-        if self.rank == 0:
-            write_manifest(folder, step)
-            atomic_write_text(self.root / "latest", folder.name + "\n")
-            self._prune()
-        barrier()
+    def _commit(self, folder: Path, step: int) -> bool:
+        """Rank 0, once every rank has reported: the manifest, then `latest`, then pruning."""
+        files = self.reports.collect(folder)
+        if files is None:  # a rank failed to write; it reports why
+            return False
+        write_manifest(folder, step, files)
+        atomic_write_text(self.root / "latest", folder.name + "\n")
+        self._prune()
+        return True
+
+    def _commit_in_background(self, folder: Path, step: int) -> None:
+        try:
+            self._commit(folder, step)
+        except BaseException as e:  # reported by finish() on the training thread
+            self._commit_error = f"committing failed: {type(e).__name__}: {e}"
 
     def _prune(self) -> None:
         complete = scan(self.root).complete

@@ -67,10 +67,12 @@ class _AtomicWrites:
     def __init__(self, inner):
         self.inner = inner
         self.captured: list[PendingFile] | None = None  # a list while a background save collects
+        self.written: list[Path] = []  # what a waited save wrote, for this rank's report
 
     def save(self, state_dict, path: str) -> None:
         if self.captured is None:
             write_file(path, state_dict, self.inner.save)  # torch.save takes a file as well as a path
+            self.written.append(Path(path))
         else:
             self.captured.append(PendingFile(Path(path), host_copy(state_dict), self.inner.save))
 
@@ -104,21 +106,39 @@ def route_writes(engine) -> _AtomicWrites:
 
 
 class BackgroundWrite:
-    """Writes one rank's captured files of one checkpoint in a thread."""
+    """Writes one rank's captured files of one checkpoint in a thread, then reports them.
 
-    def __init__(self, folder: Path, step: int, files: list[PendingFile]):
+    `report(paths, error)` runs in the thread once every file is durable (or the writing
+    failed), so the checkpoint can be committed without waiting for the training thread.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        step: int,
+        files: list[PendingFile],
+        report: Callable[[list[Path], str | None], None] | None = None,
+    ):
         self.folder, self.step = folder, step
         self.error: str | None = None
+        self._report = report
         self._thread = threading.Thread(target=self._run, args=(files,), name=f"save-{folder.name}", daemon=True)
         self._thread.start()
 
     def _run(self, files: list[PendingFile]) -> None:
+        written: list[Path] = []
         try:
             while files:
                 f = files.pop(0)  # each host copy is freed once written
                 write_file(f.path, f.obj, f.save)
+                written.append(Path(f.path))
         except BaseException as e:  # reported on the training thread by wait()
             self.error = f"{type(e).__name__}: {e}"
+        if self._report is not None:
+            try:
+                self._report(written, self.error)
+            except BaseException as e:
+                self.error = self.error or f"reporting the written files failed: {type(e).__name__}: {e}"
 
     def wait(self) -> str | None:
         """Block until every file is written; the error that stopped the writing, if any."""

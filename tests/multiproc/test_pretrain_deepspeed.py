@@ -194,21 +194,40 @@ def test_uninterrupted_run_learns_and_keeps_its_contract(reference):
 @pytest.mark.parametrize("saves", ["waited", "background"])
 def test_kill9_at_random_points_then_resume_is_bitwise_identical(reference, shards, tmp_path, saves):
     run = tmp_path / "run"
-    if saves == "waited":
-        extra = []
-        # Training steps between checkpoints, and checkpoint saves in progress (steps 4, 8 save).
-        events = [("step", 3), ("saving", 0), ("step", 7), ("saving", 0), ("step", 11)]
-    else:
-        extra = ["checkpoint.async_save=true"]
-        # A background save is in flight until the next one starts: killed at step 5, the run
-        # has step 2 complete and step 4 in flight.
-        events = [("step", 5), ("step", 9), ("step", 11)]
+    # Training steps between checkpoints, and checkpoint saves in progress (waited, or being
+    # written in the background while training goes on).
+    extra = [] if saves == "waited" else ["checkpoint.async_save=true"]
+    events = [("step", 3), ("saving", 0), ("step", 7), ("saving", 0), ("step", 11)]
     states = [run_until(run, shards, e, *extra) for e in events]
     assert any(s.startswith("saving") for s in states), f"no kill landed inside a checkpoint save: {states}"
     if saves == "background":  # the later starts resumed from background-written checkpoints
-        assert "(step-" in states[1] and "(step-" in states[2], states
+        assert all("(step-" in s for s in states[1:]), states
     launch(run, shards, *extra)
     assert losses(run) == losses(reference), states
+    assert_same_weights(final_weights(run), final_weights(reference))
+
+
+def test_a_background_save_is_committed_once_written(reference, shards, tmp_path):
+    """A background save is resumable as soon as every rank's files are written, not only once
+    the next save starts: killed after step 4's save and before step 8's, the run resumes
+    from step 4 and stays on the reference's course."""
+    run = tmp_path / "run"
+    extra = ["checkpoint.async_save=true", "checkpoint.every=4"]
+    procs = start(run, shards, *extra)
+    manifest = run / "checkpoints" / "step-00000004" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not manifest.exists():
+            assert all(p.poll() is None for p in procs), "run ended early"
+            assert time.monotonic() < deadline, "step 4 was never committed"
+            time.sleep(0.005)
+        committed_at = logged_step(run)
+    finally:
+        kill(procs)
+    assert committed_at < 8, f"step 4 was committed only when the next save began (step {committed_at})"
+    log = launch(run, shards, *extra)
+    assert "resuming from" in log and "step-00000004" in log.split("resuming from", 1)[1].splitlines()[0]
+    assert losses(run) == losses(reference)
     assert_same_weights(final_weights(run), final_weights(reference))
 
 
