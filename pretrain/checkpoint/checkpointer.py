@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import re
 import shutil
@@ -36,7 +37,7 @@ import torch
 
 from pretrain.checkpoint.reports import SaveReports
 from pretrain.checkpoint.writes import BackgroundWrite, PendingFile, host_copy, route_writes, write_file
-from pretrain.runtime.collectives import all_reduce_flags, barrier
+from pretrain.runtime.collectives import all_reduce_flags, barrier, broadcast_object
 from vitscale_common.atomic import atomic_write_text, remove_stale_temps
 from vitscale_common.errors import UserError
 
@@ -263,19 +264,38 @@ class Checkpointer:
         barrier()
         return out
 
-    def load(self, engine, folder: Path, *, universal: bool, same_world: bool) -> dict[str, Any]:
-        """Restore engine (weights, optimizer, schedule) and, at the same world size, RNG."""
+    def agree_on_resume(self, enabled: bool = True) -> tuple[Path | None, dict[str, Any] | None]:
+        """Collective: the checkpoint to resume from and its trainer state, the same on every rank.
+
+        Rank 0 scans and reads the state once and sends both: ranks scanning for themselves
+        could disagree on a network file system, and would each read the same file. The EMA
+        weights (as large as the model) are not sent; `load` reads them where they are used.
+        """
+        choice: tuple[str | None, dict[str, Any] | None] = (None, None)
+        if self.rank == 0 and enabled:
+            newest = scan(self.root).newest
+            if newest is not None:
+                state = self.read_state(newest)
+                state.pop("ema", None)
+                choice = (str(newest), state)
+        folder, state = broadcast_object(choice)
+        return (Path(folder) if folder else None), state
+
+    def load(
+        self, engine, folder: Path, *, universal: bool, same_world: bool, with_ema: bool = False
+    ) -> dict[str, torch.Tensor] | None:
+        """Restore engine (weights, optimizer, schedule) and, at the same world size, RNG; the
+        checkpoint's EMA weights when `with_ema` (None where it has none)."""
         load_dir, tag = (folder, UNIVERSAL_DIR) if universal else (self.root, folder.name)
         path, _ = engine.load_checkpoint(
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise UserError(f"{folder}: DeepSpeed could not load this checkpoint")
-        state = self.read_state(folder)
         rng_file = folder / f"rng-rank{self.rank:05d}.pt"
         if same_world and rng_file.exists():
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-        return state
+        return self.read_state(folder).get("ema") if with_ema else None
 
 
 def ds_to_universal_args(src: Path, out: Path):
@@ -284,8 +304,9 @@ def ds_to_universal_args(src: Path, out: Path):
     return argparse.Namespace(
         input_folder=str(src),
         output_folder=str(out),
-        num_extract_workers=1,
-        num_merge_workers=1,
+        # Parameters are extracted and merged independently: one process per core, up to 8.
+        num_extract_workers=min(os.cpu_count() or 1, 8),
+        num_merge_workers=min(os.cpu_count() or 1, 8),
         keep_temp_folder=False,
         strict=True,
         inject_missing_state=False,

@@ -70,4 +70,4 @@ def _wait_for(store, keys: list[str], timeout_s: float) -> None:
             missing = [k.rsplit("/", 1)[-1] for k in keys if not store.check([k])]
             raise TimeoutError(f"no report from rank(s) {', '.join(missing)} after {timeout_s:.0f} s")
         time.sleep(pause)
-        pause = min(pause * 2, 0.5)
+        pause = min(pause * 2, 0.1)

@@ -182,7 +182,6 @@ def write_results(run_dir: Path, summary: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
-    from pretrain.checkpoint.checkpointer import Checkpointer, scan
     from pretrain.checkpoint.starting_weights import fit_to_model, read_source
     from pretrain.model import build_model
     from pretrain.runtime import distributed
@@ -190,20 +189,23 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
 
     # ---------------------------------------------------------------- starting weights
     run_dir = Path(cfg.run.dir)
-    resume_from = scan(run_dir / "checkpoints").newest if cfg.checkpoint.resume else None
-    source, notes = None, []
-    if resume_from is not None:
-        # The checkpoint holds the weights (a requeued ViT-H job need not re-read 2.5 GB per
-        # rank); the model keeps the shape the run started with.
-        saved_model = Checkpointer.read_state(resume_from)["config"]["model"]
-        cfg.model.representation_size = saved_model["representation_size"]
-    elif cfg.init.weights:
-        source = read_source(cfg.init.weights)
-        notes = adopt_source_shape(cfg, source)
+    start: dict[str, Any] = {"source": None, "notes": [], "resumed_at": None}
+
+    def prepare(saved: dict | None) -> None:
+        """Once the resume point is agreed: a resumed run keeps the shape it started with and
+        takes its weights from the checkpoint (a requeued ViT-H job need not re-read 2.5 GB
+        per rank); a fresh one reads init.weights."""
+        if saved is not None:
+            cfg.model.representation_size = saved["config"]["model"]["representation_size"]
+            start["resumed_at"] = saved["step"]
+        elif cfg.init.weights:
+            start["source"] = read_source(cfg.init.weights)
+            start["notes"] = adopt_source_shape(cfg, start["source"])
 
     def build(model_cfg):
         model = build_model(model_cfg)
         rank = distributed.detect().rank
+        source, notes = start["source"], start["notes"]
         if source is not None:
             report = fit_to_model(
                 source,
@@ -219,8 +221,8 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
             if rank == 0:  # kept for the results table of this run, however often it is resumed
                 run_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(run_dir / INIT_JSON, json.dumps(init, indent=1) + "\n")
-        elif resume_from is not None:
-            say(rank, f"init: resuming from {resume_from.name}; init.weights is not read again")
+        elif start["resumed_at"] is not None:
+            say(rank, f"init: resuming from step {start['resumed_at']}; init.weights is not read again")
         else:
             say(rank, "init: random initialisation (init.weights is not set)")
         if cfg.init.linear_probe:
@@ -252,7 +254,7 @@ def run_finetune(cfg: FinetuneConfig, *, force: bool = False) -> int:
         print(results_markdown(summary), file=sys.stderr)
 
     # ---------------------------------------------------------------- train (shared loop)
-    return run_training(cfg, build_model=build, force=force, finish=finish)
+    return run_training(cfg, build_model=build, force=force, prepare=prepare, finish=finish)
 
 
 def parse_args(argv):

@@ -6,7 +6,7 @@ tensors and gloo only CPU ones, so each collective's tensors go on `comm_device(
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,15 @@ def comm_device() -> torch.device:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`src`'s picklable `obj` on every rank (small things: a decision, a few counters)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_flags(*flags: bool | float) -> list[float]:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff, scan
+from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff
 from pretrain.runtime import distributed
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 from pretrain.runtime.signals import StopRequest
@@ -57,12 +57,19 @@ def check_resumable(saved: dict, cfg, dataset_digest: str, *, force: bool) -> No
 
 
 def run_training(
-    cfg, *, build_model: Callable, force: bool = False, finish: Callable[[torch.nn.Module], None] | None = None
+    cfg,
+    *,
+    build_model: Callable,
+    force: bool = False,
+    prepare: Callable[[dict | None], None] | None = None,
+    finish: Callable[[torch.nn.Module], None] | None = None,
 ) -> int:
     """Train per `cfg` (sections run, model, data, train, zero, checkpoint, eval); returns the exit code.
 
     `build_model(model_cfg)` constructs the network (fine-tuning passes one that loads
-    its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`. `finish(model)`
+    its starting weights); under ZeRO-3 it runs inside `deepspeed.zero.Init`. `prepare(saved)`
+    runs on every rank once the resume point is agreed (`saved`: its trainer state, or None
+    for a fresh start), before the config is checked against it. `finish(model)`
     runs on every rank once training is complete, while the process group is still up, so
     it may be collective (the fine-tune stage's final evaluation over all ranks' shares).
     """
@@ -91,8 +98,9 @@ def run_training(
     # ---------------------------------------------------------------- resume decision
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, rank, world)
     checkpointer.clean_incomplete()
-    resume = scan(checkpointer.root).newest if cfg.checkpoint.resume else None
-    saved = checkpointer.read_state(resume) if resume else None
+    resume, saved = checkpointer.agree_on_resume(cfg.checkpoint.resume)
+    if prepare is not None:
+        prepare(saved)
     if saved:
         check_resumable(saved, cfg, digest, force=force)
         say(rank, f"resuming from {resume} (step {saved['step']}, saved on {saved['world_size']} ranks)")
@@ -135,11 +143,13 @@ def run_training(
     # ---------------------------------------------------------------- restore
     start_step, samples_seen, skips = 0, 0, 0
     if saved:
-        state = checkpointer.load(engine, resume, universal=universal, same_world=not world_changed)
-        loader.load_state_dict(state["data"])
-        start_step, samples_seen, skips = state["step"], state["samples_seen"], state.get("nonfinite_skips", 0)
-        if ema is not None and "ema" in state:
-            ema.load_state_dict(state["ema"])
+        ema_state = checkpointer.load(
+            engine, resume, universal=universal, same_world=not world_changed, with_ema=ema is not None
+        )
+        loader.load_state_dict(saved["data"])
+        start_step, samples_seen, skips = saved["step"], saved["samples_seen"], saved.get("nonfinite_skips", 0)
+        if ema is not None and ema_state is not None:
+            ema.load_state_dict(ema_state)
         if world_changed:
             torch.manual_seed(cfg.run.seed * 1_000_003 + rank + 1 + start_step)
 
