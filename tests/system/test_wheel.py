@@ -102,6 +102,13 @@ def run_in(venv: Path, cmd: list[str], cwd: Path) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def python_in(venv: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `code` with the fresh environment's interpreter; it must succeed."""
+    p = run_in(venv, [str(venv / "bin" / "python"), "-c", code], cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
 def test_wheel_imports_every_module_from_itself(wheel_env, tmp_path):
     mods = source_modules()
     assert len(mods) > 60 and "data_prep.sources.in21k" in mods and "pretrain.zero.engine" in mods
@@ -113,8 +120,7 @@ def test_wheel_imports_every_module_from_itself(wheel_env, tmp_path):
         "    assert f.startswith(sys.prefix), (m, f)\n"
         "print(len(mods))\n"
     )
-    p = run_in(wheel_env, [str(wheel_env / "bin" / "python"), "-c", code], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = python_in(wheel_env, code, tmp_path)
     assert p.stdout.split() == [str(len(mods))]
 
 
@@ -129,8 +135,7 @@ def test_wheel_ships_configs_and_templates(wheel_env, tmp_path):
         "assert (Path(r.__file__).parent / 'templates' / 'job.sbatch').is_file()\n"
         "assert (Path(r.__file__).parent / 'cluster' / 'slurm.conf.in').is_file()\n"
     )
-    p = run_in(wheel_env, [str(wheel_env / "bin" / "python"), "-c", code], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    python_in(wheel_env, code, tmp_path)
 
 
 def test_every_console_script_and_module_path_answers_help(wheel_env, tmp_path):
@@ -157,8 +162,7 @@ def test_every_console_script_and_module_path_answers_help(wheel_env, tmp_path):
         "    call('-m ' + m, lambda: runpy.run_module(m, run_name='__main__', alter_sys=True))\n"
         "print(json.dumps(out))\n"
     )
-    p = run_in(wheel_env, [str(wheel_env / "bin" / "python"), "-c", code], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = python_in(wheel_env, code, tmp_path)
     results = __import__("json").loads(p.stdout.splitlines()[-1])
     assert sorted(k for k in results if not k.startswith("-m ")) == sorted(CONSOLE_SCRIPTS)
     assert sorted(k[3:] for k in results if k.startswith("-m ")) == sorted(MODULE_PATHS)
