@@ -27,16 +27,17 @@ def digits_shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def torchrun_ranks():
-    """Runs a rank script under the real torchrun on local ranks; checks that it succeeded and
-    returns what each rank reported (tests/multiproc/rank_report.py), in rank order."""
+    """Runs a rank script (with its arguments) under the real torchrun on local ranks; checks
+    that it succeeded and returns what each rank reported (tests/multiproc/rank_report.py), in
+    rank order."""
 
-    def run(script: Path, nproc: int = 2, timeout: int = 300) -> list[dict]:
+    def run(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", str(script)]
+        cmd = [str(BIN / "torchrun"), f"--nproc_per_node={nproc}", f"--master_port={port}", str(script), *args]
         # DeepSpeed's deprecated torch.distributed calls warn on every rank and engine; quiet,
         # they would fill the output a failure shows.
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}

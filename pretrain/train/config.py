@@ -100,6 +100,13 @@ def load_pretrain_config(files: Sequence[str | Path], overrides: Sequence[str] =
     cfg.slurm.validate()
     if cfg.train.ema_decay and cfg.zero.stage == 3:
         raise ConfigError("train.ema_decay: EMA keeps whole weights on every rank; use zero.stage <= 2 with it")
+    if cfg.train.max_nonfinite_skips and cfg.zero.stage == 0:
+        # Stage 0 has no ZeRO optimizer: the step is applied whatever the gradient, and the run
+        # stops at the next log line or save that sees it.
+        raise ConfigError(
+            "train.max_nonfinite_skips: skipping a non-finite step needs a ZeRO optimizer; "
+            "use zero.stage >= 1, or max_nonfinite_skips=0"
+        )
     return cfg
 
 

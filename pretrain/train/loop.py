@@ -2,8 +2,9 @@
 
 The step body is: batch, forward, loss, backward, step, log. Everything else happens at
 step boundaries, where all ranks agree (one small all-reduce) on whether a stop was
-requested or the loss went non-finite, so collective work (checkpoints, evaluation)
-is always entered by every rank together.
+requested, so collective work (checkpoints, evaluation) is always entered by every rank
+together. A step with a non-finite gradient on any rank is skipped by DeepSpeed's ZeRO
+optimizer on every rank at once (they share the norm), so skips need no agreement of ours.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TrainConfig:
     clip_grad: float = 1.0  # global gradient-norm clip (paper: 1); 0 = off
     loss: str = "sigmoid"  # sigmoid (paper's pretraining, with head bias -10) | softmax cross-entropy
     ema_decay: float = 0.0  # Polyak averaging of the weights per step (e.g. 0.9999); 0 = off
-    max_nonfinite_skips: int = 0  # batches with a non-finite loss skipped before stopping; 0 = stop at the first
+    max_nonfinite_skips: int = 0  # non-finite steps skipped before stopping; 0 = stop at the first (needs ZeRO 1-3)
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
     watchdog_s: float = 1800.0  # exit with the requeue code when no step finishes for this long; 0 = off
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
@@ -130,26 +131,24 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_skips = 0
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor, stop: StopRequest) -> tuple[float | None, bool]:
-        """One optimizer step over the rank's batch: (mean loss, whether any rank asked to stop).
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over the rank's batch: (mean loss, on the device; whether it applied).
 
-        The loss is None when every rank skipped the batch (non-finite loss on one of them).
-        The loss is read once, before backward (the one host sync a step needs), and the
-        non-finite and stop flags travel in one collective, so the ranks agree on both.
+        Every micro-batch runs forward, backward and the engine's step, whatever its loss: the
+        accumulation boundary stays where DeepSpeed counts it. At the boundary DeepSpeed's ZeRO
+        optimizers skip a step whose gradient norm is not finite on any rank (they share the
+        norm), zero the gradients and leave the schedule alone; the engine counts the skip.
+        Nothing here reads a device value on the host.
         """
-        losses, stop_now = [], False
+        skipped_before = self.engine.skipped_steps
         device = self.engine.device
+        total = None
         for x, y in zip(images.chunk(self.cfg.grad_accum), targets.chunk(self.cfg.grad_accum)):
             loss = self.loss(self.engine(x.to(device, self.dtype, non_blocking=True)), y.to(device))
-            value = loss.item()
-            nonfinite, stop_flag = all_reduce_flags(not math.isfinite(value), stop.requested)
-            stop_now = stop_now or stop_flag > 0
-            if nonfinite:
-                return None, stop_now
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(value)
-        return sum(losses) / len(losses), stop_now
+            total = loss.detach() if total is None else total + loss.detach()
+        return total / self.cfg.grad_accum, self.engine.skipped_steps == skipped_before
 
     def fit(self, start_step: int, total_steps: int, stop: StopRequest, watchdog: Watchdog) -> str:
         """Train steps start_step+1 .. total_steps; returns 'done' or 'stopped' (a signal)."""
@@ -164,29 +163,28 @@ class Trainer:
                     images, targets = next(batches)
                 t_data = time.perf_counter()
                 lr = self.engine.get_lr()[0]  # the rate this step uses
-                loss, stop_now = self.train_step(images, targets, stop)
-                if loss is None:
+                loss, applied = self.train_step(images, targets)
+                if not applied:
                     self._skip_nonfinite(step + 1)
                     continue
                 step += 1
-                norm = self.engine.get_global_grad_norm()  # None only at stage 0 with clipping off
-                grad_norm = None if norm is None else float(norm)
-                if grad_norm is not None and not math.isfinite(grad_norm):
-                    raise NonFiniteLoss(
-                        f"step {step}: gradient norm is {grad_norm}; stopping (resume from the last checkpoint)"
-                    )
                 if self.ema is not None:
                     self.ema.update(self.engine.module)
                 self.samples_seen += self.cfg.batch_size
                 watchdog.beat(step)
-                window.add(loss, grad_norm, lr, time.perf_counter() - t0, t_data - t0, self.cfg.batch_size)
+                seconds = time.perf_counter() - t0
+                window.add(
+                    step, loss, self.engine.get_global_grad_norm(), lr, seconds, t_data - t0, self.cfg.batch_size
+                )
                 bar.update(1)
+                stop_now = all_reduce_flags(stop.requested)[0] > 0
                 if step % self.cfg.log_every == 0 or step == total_steps:
                     self._log(step, window, bar)
                 if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps:
                     self._evaluate(step)
                 final = stop_now or step == total_steps
                 if final or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
+                    window.check_finite()  # never save weights a non-finite step reached
                     self.hooks.save(step, final)
                 watchdog.beat(step)  # evaluation and saving are progress too
                 if stop_now:
@@ -202,15 +200,18 @@ class Trainer:
                 self.log.write(step, "eval", self.hooks.evaluate(step))
 
     def _skip_nonfinite(self, step: int) -> None:
+        """The optimizer skipped the step (its weights, moments and schedule are unchanged):
+        count it, and stop once more than train.max_nonfinite_skips were skipped."""
         self.nonfinite_skips += 1
         if self.nonfinite_skips > self.cfg.max_nonfinite_skips:
             raise NonFiniteLoss(
-                f"step {step}: loss is not finite (skipped {self.nonfinite_skips - 1} batches before, "
-                f"train.max_nonfinite_skips={self.cfg.max_nonfinite_skips}); stopping"
+                f"step {step}: gradient is not finite on some rank (skipped {self.nonfinite_skips - 1} steps "
+                f"before, train.max_nonfinite_skips={self.cfg.max_nonfinite_skips}); stopping"
             )
         if self.rank == 0:
             tqdm.write(
-                f"step {step}: non-finite loss, batch skipped ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})"
+                f"step {step}: gradient is not finite on some rank; the optimizer skipped the step and the "
+                f"batch ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})"
             )
 
     def _log(self, step: int, window: "_Window", bar) -> None:
@@ -234,31 +235,64 @@ class Trainer:
 
 
 class _Window:
-    """Averages since the last log line."""
+    """The steps since the last log line. Losses and norms stay on the device until read."""
 
     def __init__(self):
-        self.flush()
+        self.flush_times()
+        self.steps, self.loss, self.grad_norm = [], [], []
 
-    def add(self, loss, grad_norm, lr, seconds, wait, images):
-        self.lr = lr
+    def add(self, step: int, loss: torch.Tensor, grad_norm, lr: float, seconds: float, wait: float, images: int):
+        self.steps.append(step)
         self.loss.append(loss)
-        self.grad_norm.append(grad_norm)
+        # A scalar tensor DeepSpeed may reuse, a float, or None where nothing computed it (stage 0, no clip).
+        self.grad_norm.append(grad_norm.detach().clone() if torch.is_tensor(grad_norm) else grad_norm)
+        self.lr = lr
         self.seconds += seconds
         self.wait += wait
         self.images += images
 
+    def read(self) -> tuple[list[float], list[float | None]]:
+        """Losses and norms on the host: one transfer each."""
+        losses = torch.stack(self.loss).tolist() if self.loss else []
+        norms = list(self.grad_norm)
+        tensors = [i for i, g in enumerate(norms) if torch.is_tensor(g)]
+        if tensors:
+            for i, value in zip(tensors, torch.stack([norms[i].float() for i in tensors]).tolist()):
+                norms[i] = value
+        return losses, norms
+
+    def check_finite(self) -> None:
+        """Stop on a step that applied a non-finite loss or gradient norm.
+
+        The ZeRO optimizers skip such steps (train_step), so this catches stage 0, which
+        applies whatever it is given, and a loss that is infinite on finite gradients."""
+        losses, norms = self.read()
+        for step, loss, norm in zip(self.steps, losses, norms):
+            if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+                raise NonFiniteLoss(
+                    f"step {step}: loss {loss}, gradient norm {norm}, and the step was applied (only ZeRO "
+                    f"stages 1-3 skip a non-finite step); stopping before anything is saved: resume from "
+                    f"the last checkpoint"
+                )
+
     def flush(self) -> dict[str, float]:
         out = {}
-        if getattr(self, "loss", None):
+        if self.loss:
+            self.check_finite()
+            losses, norms = self.read()
             out = {
-                "loss": sum(self.loss) / len(self.loss),
-                "last_loss": self.loss[-1],
+                "loss": sum(losses) / len(losses),
+                "last_loss": losses[-1],
                 "lr": self.lr,
                 "images_per_s": self.images / max(self.seconds, 1e-9),
                 "data_wait": self.wait / max(self.seconds, 1e-9),
             }
-            known = [g for g in self.grad_norm if g is not None]  # absent where nothing computed it
+            known = [g for g in norms if g is not None]
             if known:
                 out["grad_norm"] = sum(known) / len(known)
-        self.loss, self.grad_norm, self.seconds, self.wait, self.images = [], [], 0.0, 0.0, 0
+        self.flush_times()
+        self.steps, self.loss, self.grad_norm = [], [], []
         return out
+
+    def flush_times(self) -> None:
+        self.seconds, self.wait, self.images = 0.0, 0.0, 0
