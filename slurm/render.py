@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from vitscale_common.exit_codes import EXIT_REQUEUE
+from vitscale_common.exit_codes import EXIT_HUNG, EXIT_REQUEUE
 from vitscale_common.slurm_config import SlurmConfig
 
 TEMPLATE = Path(__file__).parent / "templates" / "job.sbatch"
@@ -83,6 +83,7 @@ def render(job: JobSpec) -> str:
         "sbatch_options": "\n".join(_sbatch_options(job)),
         "max_requeues": s.max_requeues,
         "exit_requeue": EXIT_REQUEUE,
+        "exit_hung": EXIT_HUNG,
         "command": " ".join(shlex.quote(str(w)) for w in [*prefix, *job.command]),
         "setup": "\n".join(s.setup),
         "env": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in sorted(s.env.items())),

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from vitscale_common.errors import UserError
+from vitscale_common.exit_codes import FAILURE_FILE
 
 JOBS_FILE = "jobs.jsonl"
 _FIELDS = ("JobId", "JobName", "JobState", "Reason", "RunTime", "Restarts", "ExitCode", "NodeList")
@@ -79,4 +80,18 @@ def status_lines(run_dir: Path) -> list[str]:
             )
     progress = run_progress(run_dir)
     lines.append("run: " + (", ".join(f"{k}={v}" for k, v in progress.items()) or "no step logged yet"))
+    lines += failure_lines(run_dir, log_dir, records[-1])
+    return lines
+
+
+def failure_lines(run_dir: Path, log_dir: Path, job: dict) -> list[str]:
+    """The first fatal error of the run's latest attempt, and the failing rank's log."""
+    try:
+        failure = json.loads((run_dir / FAILURE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    lines = [f"failed: {failure['message']} ({failure['time']})"]
+    log = log_dir / f"{job['name']}-{job['job_id']}-r{failure['restart']}-{failure['rank']}.log"
+    if log.is_file():
+        lines.append(f"  its log: {log}")
     return lines

@@ -26,6 +26,7 @@ from pretrain.evaluate.features import (
     real_from_features,
 )
 from pretrain.runtime.collectives import is_main_rank
+from pretrain.runtime.fatal import FailureWatch
 from vitscale_common.atomic import atomic_write_text
 from vitscale_common.errors import UserError, cli_entry
 
@@ -158,18 +159,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    import sharding
-    from pretrain.checkpoint.starting_weights import fit_to_model, read_source
-    from pretrain.data.loaders import build_eval_loader
     from pretrain.runtime import distributed
 
     args = parse_args(argv)
-
-    # -- processes
     env = distributed.detect()
     if env.world_size > 1:
         distributed.init_process_group(env, timeout_s=1800)
-    device = distributed.device(env)
+    # A failing rank ends the others at once (they may be waiting in a collective for it).
+    with FailureWatch(env.rank, env.world_size, None):
+        run_eval(args, env, distributed.device(env))
+    distributed.shutdown()
+    return 0
+
+
+def run_eval(args, env, device) -> None:
+    """Score the weights on the split (every rank its share), and write the report on rank 0."""
+    import sharding
+    from pretrain.checkpoint.starting_weights import fit_to_model, read_source
+    from pretrain.data.loaders import build_eval_loader
 
     # -- data (checked first: a typo should not cost a model load)
     ds = sharding.open_dataset(args.data)
@@ -253,8 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out / f"{stem}.md", _markdown(results, header))
         print(_markdown(results, header))
         print(f"wrote {out / stem}.json and .md")
-    distributed.shutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Runs unchanged as one process, under torchrun / the deepspeed launcher, or under srun.
 Starting on a run directory that holds checkpoints resumes from the newest complete one;
-a SIGUSR1/SIGTERM saves at the next step and exits with code 85 (requeue me).
+a SIGUSR1/SIGTERM saves at the next step and exits with code 85 (requeue me). A rank that
+fails ends every rank within seconds (86 on the others); a hang exits with 87.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff
 from pretrain.runtime import distributed
+from pretrain.runtime.fatal import FailureWatch
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
 from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.watchdog import Watchdog
@@ -73,13 +75,24 @@ def run_training(
     runs on every rank once training is complete, while the process group is still up, so
     it may be collective (the fine-tune stage's final evaluation over all ranks' shares).
     """
+    # ---------------------------------------------------------------- process group
+    env = distributed.detect()
+    distributed.init_process_group(env, cfg.run.dist_timeout_s)
+    watchdog = Watchdog(cfg.train.watchdog_s, env.rank)
+    try:
+        with FailureWatch(env.rank, env.world_size, Path(cfg.run.dir), step=lambda: watchdog.step or None):
+            outcome = _train(cfg, env, build_model, force, prepare, finish, watchdog)
+    finally:
+        watchdog.stop()
+    distributed.shutdown()
+    return outcome
+
+
+def _train(cfg, env, build_model, force, prepare, finish, watchdog: Watchdog) -> int:
     import sharding
     from pretrain.data.loaders import build_train_loader
     from pretrain.evaluate.periodic import build_evaluator
 
-    # ---------------------------------------------------------------- process group
-    env = distributed.detect()
-    distributed.init_process_group(env, cfg.run.dist_timeout_s)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if cfg.run.reuse_host_memory and not torch.cuda.is_available():
@@ -198,16 +211,14 @@ def run_training(
     )
     trainer.samples_seen, trainer.nonfinite_skips = samples_seen, skips
     stop = StopRequest().install()
-    watchdog = Watchdog(cfg.train.watchdog_s, rank).start()
+    watchdog.start()
     try:
         outcome = trainer.fit(start_step, derived.total_steps, stop, watchdog)
     finally:
-        watchdog.stop()
         stop.uninstall()
         log.close()
     if outcome == "done" and finish is not None:
         finish(engine.module)
-    distributed.shutdown()
     if outcome == "stopped":
         say(
             rank,
