@@ -25,7 +25,7 @@ from pretrain.model import create_model
 from pretrain.runtime import distributed
 from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.watchdog import Watchdog
-from pretrain.train.loop import Hooks, NonFiniteLoss, Trainer, TrainConfig
+from pretrain.train.loop import Hooks, NonFiniteLoss, TrainConfig, Trainer
 from pretrain.train.run_log import RunLog
 from pretrain.zero.engine import ZeroConfig, build_engine, deepspeed_config
 from pretrain.zero.optimizer import OptimConfig
