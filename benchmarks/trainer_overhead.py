@@ -8,7 +8,7 @@ the trainer is measured). Then a checkpoint save is timed against writing the sa
 number of bytes with fsync just before and just after it (the faster of the two): the
 disk's bandwidth, measured in the same run; and the time a background save
 (`checkpoint.async_save`) blocks training, against the waited save's. At ZeRO stages 1-2
-it also times the clipping norm, ours (pretrain/zero/patch_fused_grad_norm.py) against DeepSpeed's, on
+it also times the clipping norm, ours (pretrain/zero/deepspeed_patches.py) against DeepSpeed's, on
 the same gradients; `--deepspeed-grad-norm` trains with DeepSpeed's.
 
     python benchmarks/trainer_overhead.py [--model vit_s16] [--img 64] [--batch 32] [--steps 30] [--round 1]
@@ -52,9 +52,9 @@ from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.watchdog import Watchdog
 from pretrain.train.loop import Hooks, TrainConfig, Trainer, loss_fn
 from pretrain.train.run_log import RunLog
+from pretrain.zero.deepspeed_patches import fused_grad_norm
 from pretrain.zero.engine import ZeroConfig, build_engine, build_model_for, deepspeed_config, input_dtype
 from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
-from pretrain.zero.patch_fused_grad_norm import fused_grad_norm
 from vitscale_common.config_loader import load_config
 
 
@@ -157,7 +157,7 @@ def minor_faults() -> int:
 
 
 def norm_timings(engine, trainer, images, targets, repeats: int = 10) -> tuple[float, float] | None:
-    """ZeRO-1/2: seconds per gradient norm, ours (pretrain/zero/patch_fused_grad_norm.py) and DeepSpeed's,
+    """ZeRO-1/2: seconds per gradient norm, ours (pretrain/zero/deepspeed_patches.py) and DeepSpeed's,
     over the partition of one more backward; None at other stages. Leaves that backward unstepped."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument(
         "--deepspeed-grad-norm",
         action="store_true",
-        help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero/patch_fused_grad_norm.py)",
+        help="DeepSpeed's own per-parameter clipping norm instead of ours (pretrain/zero/deepspeed_patches.py)",
     )
     p.add_argument(
         "--bf16",

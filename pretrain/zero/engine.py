@@ -13,10 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from pretrain.zero import deepspeed_patches
 from pretrain.zero.optimizer import OptimConfig, build_optimizer, build_scheduler
-from pretrain.zero.patch_bf16_flat_grads import install_flat_gradients
-from pretrain.zero.patch_fused_grad_norm import install_fused_grad_norm
-from pretrain.zero.patch_zero2_fp32_reduce import install_fp32_bucket_reduction
 from vitscale_common.config_loader import ConfigError
 
 
@@ -92,7 +90,7 @@ def deepspeed_config(
         "bf16": {
             "enabled": cfg.precision == "bf16",
             # BF16_Optimizer (ZeRO-1, fp32 gradients): each bf16 gradient moves into the
-            # fp32 buffer as backward produces it and is freed (pretrain/zero/patch_bf16_flat_grads.py).
+            # fp32 buffer as backward produces it and is freed (pretrain/zero/deepspeed_patches.py).
             "immediate_grad_update": cfg.precision == "bf16" and cfg.grad_dtype == "fp32",
         },
         **(_bf16_gradients(cfg.grad_dtype) if cfg.precision == "bf16" else {}),
@@ -129,8 +127,11 @@ def build_engine(
     ds_config: dict,
     optim_cfg: OptimConfig,
     total_steps: int,
+    deepspeed_version: str | None = None,
 ):
-    """DeepSpeed engine wrapping `model`, our optimizer and the step-indexed lr schedule."""
+    """DeepSpeed engine wrapping `model`, our optimizer and the step-indexed lr schedule.
+    `deepspeed_version`: the release the replacements are guarded on (default: the one
+    installed; another one makes DeepSpeed's own code run, as on an unverified release)."""
     import deepspeed
 
     optimizer = build_optimizer(optim_cfg, model.named_parameters())
@@ -141,9 +142,10 @@ def build_engine(
         lr_scheduler=lambda opt: build_scheduler(optim_cfg, opt, total_steps),
         config=ds_config,
     )
-    install_fused_grad_norm(engine)  # DeepSpeed's per-parameter clipping norm (and bf16 overflow scan), fused
-    install_flat_gradients(engine)  # ZeRO-1 bf16: gradients reduced in place, normed and clipped whole
-    install_fp32_bucket_reduction(engine)  # ZeRO-2 bf16: the fp32-reduced bucket not copied back
+    # Where verified on this DeepSpeed release: the clipping norm fused (and the bf16 overflow
+    # scan dropped), ZeRO-1 bf16 gradients reduced and clipped whole, ZeRO-2 bf16 buckets not
+    # copied back.
+    engine.vitscale_patches, engine.vitscale_patches_line = deepspeed_patches.install(engine, deepspeed_version)
     return engine
 
 

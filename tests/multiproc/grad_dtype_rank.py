@@ -6,12 +6,14 @@ plain SGD with lr 1 and no clipping, so the step moves the fp32 master weights b
 the gradient DeepSpeed accumulated and reduced. The reference is the exact mean of the
 same bf16 micro-batch gradients (a plain bf16 copy of the model, summed in float64 over
 micro-batches and ranks). ZeRO-1 and ZeRO-2 with fp32 gradients run a second time with
-DeepSpeed's own paths (every method pretrain/ installed on the engine taken out again), and
+DeepSpeed's own paths, and
 both ways again with `zero.overlap_comm`. And
 at ZeRO-1 with fp32 gradients, a parameter that gets no gradient in a step must not move.
+DeepSpeed's own paths are the version guard's fallback (pretrain/zero/deepspeed_patches.py).
 Prints one JSON line: the step's error relative to the reference, which set-ups ran which
-of our changes, whether ours and DeepSpeed's own ended bitwise equal, and how far the
-unused parameter moved.
+of our changes, whether ours and DeepSpeed's own ended bitwise equal, what the fallback
+said and whether any of our methods were left on its engines, and how far the unused
+parameter moved.
 
     torchrun --nproc_per_node 2 tests/multiproc/grad_dtype_rank.py [MICRO_BATCHES]   (default 16)
 """
@@ -35,10 +37,10 @@ MICRO = 4
 PLAIN_SGD = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_steps=0, end_lr=1.0)
 # Which of our replacements (method name -> where it lives) says which change ran.
 CHANGES = {
-    "reduced_in_place": "buffered_allreduce_fallback",  # pretrain/zero/patch_bf16_flat_grads.py, on the engine
-    "written_not_added": "_update_hp_grad",  # pretrain/zero/patch_bf16_flat_grads.py
+    "reduced_in_place": "buffered_allreduce_fallback",  # pretrain/zero/deepspeed_patches.py, on the engine
+    "written_not_added": "_update_hp_grad",  # pretrain/zero/deepspeed_patches.py
     "not_copied_back": "gradient_reduction_w_predivide",
-}  # pretrain/zero/patch_zero2_fp32_reduce.py
+}  # pretrain/zero/deepspeed_patches.py
 
 
 def engine_for(
@@ -55,13 +57,20 @@ def engine_for(
     ds = deepspeed_config(
         zero, global_batch=MICRO * accumulate * world, micro_batch=MICRO, grad_accum=accumulate, clip_grad=0.0
     )
-    engine = build_engine(model, ds, PLAIN_SGD, total_steps=2)
-    if not ours:  # DeepSpeed's own methods again: ours are the instance attributes from pretrain/
-        for obj in (engine, engine.optimizer):
-            for name, value in list(vars(obj).items()):
-                if isinstance(value, types.MethodType) and value.__func__.__module__.startswith("pretrain."):
-                    delattr(obj, name)
+    # Not ours: the guard's fallback, as on a DeepSpeed release the replacements are not verified on.
+    engine = build_engine(model, ds, PLAIN_SGD, total_steps=2, deepspeed_version=None if ours else "0.0.0")
+    FALLBACK["lines"].add(engine.vitscale_patches_line if not ours else "")
+    FALLBACK["methods_from_pretrain"] += 0 if ours else len(methods_from_pretrain(engine))
     return engine
+
+
+FALLBACK = {"lines": set(), "methods_from_pretrain": 0}
+
+
+def methods_from_pretrain(engine) -> list[str]:
+    """Our replacements on this engine: the instance attributes that are methods from pretrain/."""
+    return [name for obj in (engine, engine.optimizer) for name, value in vars(obj).items()
+            if isinstance(value, types.MethodType) and value.__func__.__module__.startswith("pretrain.")]  # fmt: skip
 
 
 def installed(engine) -> dict[str, bool]:
@@ -166,6 +175,10 @@ def main() -> None:
             "errors": {k: error for k, (error, _, _) in results.items()},
             **{change: sorted(k for k, (_, changes, _) in results.items() if changes[change]) for change in CHANGES},
             "as_deepspeed": as_deepspeed,
+            "fallback": {
+                "lines": sorted(FALLBACK["lines"] - {""}),
+                "methods_from_pretrain": FALLBACK["methods_from_pretrain"],
+            },
             "unused_parameter_moved": moved,
         },
     )

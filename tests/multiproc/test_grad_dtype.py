@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.zero.deepspeed_patches import VERIFIED
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -27,6 +29,15 @@ def test_fp32_gradients_step_by_the_exact_mean_gradient(torchrun_ranks):
         "stage1-fp32-overlap_comm": True,
         "stage2-fp32-overlap_comm": True,
     }, ranks[0]
+    # DeepSpeed's own paths are the version guard's fallback: one line says so, none of ours stays.
+    assert ranks[0]["fallback"] == {
+        "lines": [
+            "deepspeed 0.0.0: DeepSpeed's own ZeRO code throughout (vitscale's replacements are verified on "
+            + ", ".join(VERIFIED)
+            + " only)"
+        ],
+        "methods_from_pretrain": 0,
+    }, ranks[0]["fallback"]
     # Step 1's gradient of a parameter unused in step 2 does not step it again.
     assert ranks[0]["unused_parameter_moved"] == 0.0, ranks[0]
     for stage in (1, 2, 3):

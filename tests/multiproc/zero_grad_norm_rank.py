@@ -10,7 +10,7 @@ the total is compared). Then a non-finite gradient on rank 0 must make both rank
 report DeepSpeed's -1 sentinel, and a step must clip with our norm. At stage 0 (fp32) the
 engine clips the whole gradient itself: its reported norm must be the true one, and an
 infinite gradient on rank 0 must show on both ranks. Under bf16 the ZeRO-1/2 optimizer's own
-per-parameter inf/NaN scan is dropped (pretrain/zero/patch_fused_grad_norm.py): an infinite gradient on
+per-parameter inf/NaN scan is dropped (pretrain/zero/deepspeed_patches.py): an infinite gradient on
 rank 0 must still make both ranks skip the step, and the next finite step must train; at
 ZeRO-1 with fp32 gradients (BF16_Optimizer) the norm over whole gradient buffers must equal
 DeepSpeed's per-parameter one.
@@ -131,7 +131,7 @@ def bf16_engine(stage: int, grad_dtype: str, world: int):
 
 def check_bf16_optimizer_norm(rank: int, world: int) -> dict:
     """ZeRO-1 under bf16 with fp32 gradients (DeepSpeed's BF16_Optimizer): the norm over its
-    flat gradient buffers (pretrain/zero/patch_bf16_flat_grads.py) against DeepSpeed's per-parameter one."""
+    flat gradient buffers (pretrain/zero/deepspeed_patches.py) against DeepSpeed's per-parameter one."""
     from deepspeed.runtime.utils import get_global_norm_of_tensors
 
     engine = bf16_engine(1, "fp32", world)
