@@ -58,6 +58,9 @@ RESUMABLE_CHANGES = (
     "train.steps",
     "train.epochs",
     "train.log_every",
+    "train.stop_check_every",
+    "train.compile",
+    "train.compile_backend",
     "train.watchdog_s",
     "eval",
     "checkpoint",
@@ -100,6 +103,13 @@ def load_pretrain_config(files: Sequence[str | Path], overrides: Sequence[str] =
     cfg.slurm.validate()
     if cfg.train.ema_decay and cfg.zero.stage == 3:
         raise ConfigError("train.ema_decay: EMA keeps whole weights on every rank; use zero.stage <= 2 with it")
+    if cfg.train.compile != "none" and cfg.zero.stage == 3:
+        # ZeRO-3 gathers and releases each parameter in module hooks around every block, and
+        # swaps F.linear process-wide: a compiled block would have to trace through both.
+        raise ConfigError(
+            "train.compile: blocks needs zero.stage <= 2 (ZeRO-3 gathers parameters in hooks "
+            "around each block); set train.compile=none"
+        )
     if cfg.train.max_nonfinite_skips and cfg.zero.stage == 0:
         # Stage 0 has no ZeRO optimizer: the step is applied whatever the gradient, and the run
         # stops at the next log line or save that sees it.

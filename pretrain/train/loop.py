@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pretrain.model.compile import MODES
 from pretrain.runtime.collectives import all_reduce_flags, sum_counters
 from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.watchdog import Watchdog
@@ -39,6 +40,11 @@ class TrainConfig:
     ema_decay: float = 0.0  # Polyak averaging of the weights per step (e.g. 0.9999); 0 = off
     max_nonfinite_skips: int = 0  # non-finite steps skipped before stopping; 0 = stop at the first (needs ZeRO 1-3)
     log_every: int = 10  # steps between metrics.jsonl / TensorBoard lines
+    # Steps between the ranks agreeing on a stop request (a signal): the one collective the
+    # loop adds, and a host sync on a GPU. Also agreed at every log, eval and checkpoint step.
+    stop_check_every: int = 10
+    compile: str = "none"  # none | blocks: each transformer block compiled in place (ZeRO stages 0-2)
+    compile_backend: str = "inductor"  # torch.compile backend for `compile: blocks`
     watchdog_s: float = 1800.0  # exit with the requeue code when no step finishes for this long; 0 = off
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
 
@@ -51,6 +57,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.batch_size and grad_accum must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.compile not in MODES:
+            raise ConfigError(f"{where}.compile: must be one of {', '.join(MODES)}, got {self.compile!r}")
+        if self.stop_check_every < 1 or self.log_every < 1:
+            raise ConfigError(f"{where}.stop_check_every and log_every must be >= 1")
         self.optim.validate(f"{where}.optim")
 
 
@@ -130,6 +140,7 @@ class Trainer:
         self.flops_per_image, self.peak = flops_per_image, peak_flops
         self.samples_seen = 0
         self.nonfinite_skips = 0
+        self._compile_timed = False  # the first step's time, compiling included, is logged once
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """One optimizer step over the rank's batch: (mean loss, on the device; whether it applied).
@@ -177,13 +188,22 @@ class Trainer:
                     step, loss, self.engine.get_global_grad_norm(), lr, seconds, t_data - t0, self.cfg.batch_size
                 )
                 bar.update(1)
-                stop_now = all_reduce_flags(stop.requested)[0] > 0
-                if step % self.cfg.log_every == 0 or step == total_steps:
+                if self.cfg.compile != "none" and not self._compile_timed:
+                    window.read()  # the first step's work is done: compiling included
+                    self._note(f"step {step} took {time.perf_counter() - t0:.1f} s, compiling the blocks included")
+                    self._compile_timed = True
+                logs = step % self.cfg.log_every == 0 or step == total_steps
+                evals = bool(self.hooks.eval_every) and step % self.hooks.eval_every == 0 and step < total_steps
+                saves = bool(self.hooks.checkpoint_every) and step % self.hooks.checkpoint_every == 0
+                # Agreed where the step syncs anyway (logging, evaluation, saving), else every N steps.
+                checks = logs or evals or saves or step % self.cfg.stop_check_every == 0
+                stop_now = checks and all_reduce_flags(stop.requested)[0] > 0
+                if logs:
                     self._log(step, window, bar)
-                if self.hooks.eval_every and step % self.hooks.eval_every == 0 and step < total_steps:
+                if evals:
                     self._evaluate(step)
                 final = stop_now or step == total_steps
-                if final or (self.hooks.checkpoint_every and step % self.hooks.checkpoint_every == 0):
+                if final or saves:
                     window.check_finite()  # never save weights a non-finite step reached
                     self.hooks.save(step, final)
                 watchdog.beat(step)  # evaluation and saving are progress too
@@ -208,11 +228,14 @@ class Trainer:
                 f"step {step}: gradient is not finite on some rank (skipped {self.nonfinite_skips - 1} steps "
                 f"before, train.max_nonfinite_skips={self.cfg.max_nonfinite_skips}); stopping"
             )
+        self._note(
+            f"step {step}: gradient is not finite on some rank; the optimizer skipped the step and the "
+            f"batch ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})"
+        )
+
+    def _note(self, message: str) -> None:
         if self.rank == 0:
-            tqdm.write(
-                f"step {step}: gradient is not finite on some rank; the optimizer skipped the step and the "
-                f"batch ({self.nonfinite_skips}/{self.cfg.max_nonfinite_skips})"
-            )
+            tqdm.write(message)
 
     def _log(self, step: int, window: "_Window", bar) -> None:
         stats = window.flush()

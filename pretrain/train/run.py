@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pretrain.checkpoint.checkpointer import Checkpointer, file_digest, fingerprint_diff
+from pretrain.model.compile import compile_blocks
 from pretrain.runtime import distributed
 from pretrain.runtime.fatal import FailureWatch
 from pretrain.runtime.glibc_host_memory import keep_freed_host_memory
@@ -149,7 +150,11 @@ def _train(cfg, env, build_model, force, prepare, finish, watchdog: Watchdog) ->
         checkpointer.prepare_universal(resume)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model_for(cfg.zero, ds_config, lambda: build_model(cfg.model))
+    if cfg.train.compile == "blocks":
+        n = compile_blocks(model, cfg.train.compile_backend)
+        say(rank, f"compiling {n} transformer blocks in place ({cfg.train.compile_backend}) on their first call")
     engine = build_engine(model, ds_config, cfg.train.optim, derived.total_steps)
+    say(rank, engine.vitscale_patches_line)
     torch.manual_seed(cfg.run.seed * 1_000_003 + rank + 1)  # dropout differs across ranks
     ema = Ema(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
