@@ -71,7 +71,7 @@ def deepspeed_config(
         # there all-reduces too (its default use_multi_rank_bucket_allreduce), but first copies
         # the bucket's slices into a new tensor and afterwards copies them back: same traffic,
         # two more passes over the gradients. Stage 3's reduce-scatter is a real one (half
-        # the traffic): kept.
+        # the traffic): kept. docs/PRETRAIN.md ("Communication") has the bytes per step.
         "reduce_scatter": cfg.stage == 3,
     }
     if cfg.stage == 3:
