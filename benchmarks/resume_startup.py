@@ -15,7 +15,6 @@ Needs about 18 GB of memory and 15 GB of disk; about 2 minutes per resume on 2 c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -31,14 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "multiproc"))
 from test_pretrain_h14_zero3 import H14  # noqa: E402  (one definition of the measured set-up)
-
-
-def newest_step(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return max((r["step"] for r in rows if r.get("kind") == "train"), default=0)
+from zero3_memory import newest_step  # noqa: E402  (next to this script)
 
 
 def launch(tree: Path, run: Path, data: str, steps: int, until_step: int | None, log: Path, *extra: str) -> float:
