@@ -289,7 +289,9 @@ class _Window:
 
         The ZeRO optimizers skip such steps (train_step), so this catches stage 0, which
         applies whatever it is given, and a loss that is infinite on finite gradients."""
-        losses, norms = self.read()
+        self._check_finite(*self.read())
+
+    def _check_finite(self, losses: list[float], norms: list[float | None]) -> None:
         for step, loss, norm in zip(self.steps, losses, norms):
             if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
                 raise NonFiniteLoss(
@@ -301,8 +303,8 @@ class _Window:
     def flush(self) -> dict[str, float]:
         out = {}
         if self.loss:
-            self.check_finite()
             losses, norms = self.read()
+            self._check_finite(losses, norms)
             out = {
                 "loss": sum(losses) / len(losses),
                 "last_loss": losses[-1],
