@@ -75,14 +75,26 @@ def inception_crop_box(
     return (w - cw) // 2, (h - ch) // 2, cw, ch
 
 
+def draw_train_crop(
+    w: int, h: int, rng: np.random.Generator, *, min_area: float, hflip: bool
+) -> tuple[tuple[int, int, int, int], bool]:
+    """The crop box and flip of one training sample: the only draws before RandAugment, in this order.
+
+    Both decode paths (`train_image` here, and the GPU path's readers) call this, so a sample
+    gets the same crop and flip whichever decodes it."""
+    box = inception_crop_box(w, h, rng, min_area)
+    flip = hflip and rng.random() < 0.5
+    return box, flip
+
+
 def train_image(
     data: bytes, size: int, rng: np.random.Generator, *, min_area: float, hflip: bool, randaug: "RandAugment | None"
 ) -> np.ndarray:
     """JPEG bytes -> (size, size, 3) uint8, augmented for pretraining."""
     img = open_image(data)
-    box = inception_crop_box(*img.size, rng, min_area)
+    box, flip = draw_train_crop(*img.size, rng, min_area=min_area, hflip=hflip)
     out = _decode_region(img, box, size)
-    if hflip and rng.random() < 0.5:
+    if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     if randaug is not None:
         out = randaug(out, rng)
