@@ -1,7 +1,7 @@
 """vit-submit: turn a stage config into a SLURM job (or a chain of them) and submit it.
 
     vit-submit {prep,pretrain,finetune} CONFIG [CONFIG ...] [key=value ...] [--nodes N --gpus-per-node G
-               --partition P --time T --account A] [--dry-run]
+               --partition P --time T --account A] [--dry-run] [--force]
     vit-submit pipeline PIPELINE_CONFIG [...same flags]
     vit-submit status RUN_DIR
 
@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from slurm.pipeline import load_pipeline
+from slurm.plan_check import check_plan
 from slurm.render import JobSpec, render
 from slurm.status import JOBS_FILE, status_lines
 from vitscale_common.atomic import atomic_write_text
@@ -201,6 +202,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         sp.add_argument("--account", help="slurm.account")
         sp.add_argument("--dependency", help="job id this submission waits for (afterok)")
         sp.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+        sp.add_argument("--force", action="store_true", help="submit a GPU config vit-plan predicts will not fit")
     st = sub.add_parser("status", help="jobs and progress of a submitted run")
     st.add_argument("run_dir", help="the run directory (or a prep output folder)")
     return p.parse_args(argv)
@@ -224,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     built = [
         build_stage(stage, files, [*more, *flag_overrides(args, stage != "prep")]) for stage, files, more in stages
     ]
+    for (stage, files, more), (jobs, _) in zip(stages, built):
+        if stage == "pretrain":
+            job = jobs.jobs[0]
+            check_plan(job.slurm, _python(job.slurm), files, [*more, *flag_overrides(args, True)], args.force)
     dependency = args.dependency
     for jobs, frozen in built:
         dependency = submit_stage(jobs, frozen, dependency, args.dry_run)

@@ -21,6 +21,7 @@ _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){1,2}|UNLIMITED|INFINITE)$")
 class SlurmConfig:
     nodes: int = 1  # nodes per job (for prep: per array task)
     gpus_per_node: int = 0  # GPUs per node; one training rank per GPU, one per node when 0 (CPU)
+    gpu: str = ""  # GPU kind from configs/plan/gpus.yaml that vit-plan and vit-submit predict for; empty: none
     cpus_per_task: int = 8  # CPU cores per rank (data-loader workers + the rank itself)
     mem: str = ""  # memory per node as sbatch spells it ("0" = all, "480G"); empty: cluster default
     partition: str = ""  # partition to submit to; empty: the cluster's default partition

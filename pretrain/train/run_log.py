@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pretrain.model.flops import forward_flops
 from vitscale_common.atomic import atomic_write_text
 
 # Dense bf16 peak FLOP/s by device name fragment (vendor data sheets, no sparsity).
@@ -20,15 +21,7 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def vit_forward_flops(model_cfg) -> float:
     """Multiply-adds x 2 of one image's forward pass, counted from the architecture."""
-    n_patches = model_cfg.grid_size[0] * model_cfg.grid_size[1]
-    n = n_patches + model_cfg.num_prefix_tokens
-    d, m = model_cfg.width, model_cfg.mlp_dim
-    patch = n_patches * model_cfg.patch_size**2 * model_cfg.in_chans * d
-    block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # qkv+proj, QK^T and AV, MLP
-    head = (model_cfg.representation_size or 0) * d + max(model_cfg.num_classes, 0) * (
-        model_cfg.representation_size or d
-    )
-    return 2.0 * (patch + model_cfg.depth * block + head)
+    return forward_flops(model_cfg).total
 
 
 def peak_flops() -> float | None:
