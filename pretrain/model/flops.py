@@ -4,7 +4,8 @@ A multiply-add is 2 FLOPs, and only matrix products count (convolution, linear l
 attention's two batched products), as `torch.utils.flop_counter` counts them: norms,
 activations and softmax are left out. Backward does twice the forward's products (the
 gradient of the input and of the weight), except the patch embedding, whose input (the
-image) needs no gradient.
+image) needs no gradient, and fused attention, whose backward computes Q K^T again: five
+products to the forward's two.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def forward_flops(cfg: ViTConfig) -> Flops:
 
 def backward_flops(cfg: ViTConfig) -> Flops:
     fwd = forward_flops(cfg)
-    return Flops(patch=fwd.patch, linear=2 * fwd.linear, attention=2 * fwd.attention)
+    return Flops(patch=fwd.patch, linear=2 * fwd.linear, attention=2.5 * fwd.attention)
 
 
 def block_forward_flops(cfg: ViTConfig) -> float:
