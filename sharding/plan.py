@@ -37,7 +37,7 @@ _PARTITION_SHUFFLE_TAG = 0x5A2
 
 
 class PlanError(UserError):
-    """A stream layout that cannot serve the requested batch, world size or workers."""
+    """A stream layout that cannot serve the requested batch, world size or readers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class StreamLayout:
 
     global_batch: int  # samples per global step, summed over ranks
     width: int  # partitions read by one global step; the world size must divide it
-    cycle: int  # steps between two visits of a partition; workers per rank must divide it
+    cycle: int  # steps between two visits of a partition; readers per rank must divide it
 
     def __post_init__(self) -> None:
         if self.global_batch < 1 or self.width < 1 or self.cycle < 1:
@@ -63,15 +63,15 @@ class StreamLayout:
         """Consecutive outputs one partition contributes to a step."""
         return self.global_batch // self.width
 
-    def check_readers(self, world_size: int, workers: int) -> None:
-        """Raise unless `world_size` ranks with `workers` loader workers each can share the plan."""
+    def check_readers(self, world_size: int, readers: int) -> None:
+        """Raise unless `world_size` ranks with `readers` partition readers each can share the plan."""
         if self.width % world_size:
             raise PlanError(
                 f"world size {world_size} does not divide data.stream_width={self.width}; "
                 f"choose a stream_width that is a multiple of every world size the run may use"
             )
-        if self.cycle % max(workers, 1):
-            raise PlanError(f"data.workers={workers} does not divide data.stream_cycle={self.cycle}")
+        if self.cycle % max(readers, 1):
+            raise PlanError(f"data.readers={readers} does not divide data.stream_cycle={self.cycle}")
 
 
 def default_width(global_batch: int, num_shards: int, cycle: int, cap: int = 64) -> int:

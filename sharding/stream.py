@@ -1,7 +1,7 @@
 """The training sample stream: the epoch plan turned into batches of decoded samples.
 
-One `RankStream` runs per rank, or per loader worker of a rank (worker k of K takes every K-th
-step). Each partition it owns is read by a `PartitionReader`: sequentially, front to back,
+One `RankStream` runs per rank, or per partition reader of a rank (reader k of K takes every
+K-th step). Each partition it owns is read by a `PartitionReader`: sequentially, front to back,
 through a deterministic shuffle buffer whose output order is precomputed on positions
 (`partition_order`), so a reader resumed at output j knows exactly which positions it still
 owes and seeks straight past the rest.
@@ -198,7 +198,7 @@ class PartitionReader:
         )
 
 
-# -- one rank (or one loader worker of it) -----------------------------------------------------
+# -- one rank (or one reader of it) -----------------------------------------------------------
 class StepBatch(NamedTuple):
     epoch: int
     step: int
@@ -207,7 +207,7 @@ class StepBatch(NamedTuple):
 
 
 class RankStream:
-    """The batches of one rank, from (epoch, step) on, forever; worker k of K takes every K-th step."""
+    """The batches of one rank, from (epoch, step) on, forever; reader k of K takes every K-th step."""
 
     def __init__(
         self,
@@ -221,15 +221,15 @@ class RankStream:
         rank: int,
         world_size: int,
         excluded: frozenset[str] | set[str] = frozenset(),
-        worker: int = 0,
-        workers: int = 1,
+        reader: int = 0,
+        readers: int = 1,
         epoch: int = 0,
         step: int = 0,
     ):
-        layout.check_readers(world_size, workers)
+        layout.check_readers(world_size, readers)
         self.source, self.shard_counts, self.layout = source, list(shard_counts), layout
         self.seed, self.buffer, self.decode, self.excluded = seed, buffer, decode, excluded
-        self.rank, self.world_size, self.worker, self.workers = rank, world_size, worker, workers
+        self.rank, self.world_size, self.reader, self.readers = rank, world_size, reader, readers
         self.start = (epoch, step)
         self.steps_per_epoch = EpochPlan(self.shard_counts, layout, seed, 0).steps
 
@@ -237,7 +237,7 @@ class RankStream:
         plan: EpochPlan | None = None
         readers: dict[int, PartitionReader] = {}
         for n, (epoch, step) in enumerate(iter_epoch_steps(*self.start, self.steps_per_epoch)):
-            if n % self.workers != self.worker:
+            if n % self.readers != self.reader:
                 continue
             if plan is None or plan.epoch != epoch:
                 plan, readers = EpochPlan(self.shard_counts, self.layout, self.seed, epoch), {}

@@ -1,20 +1,25 @@
 """Training and evaluation batches from a shard dataset: the `data` config section and its loaders.
 
     build_train_loader(cfg, img_size=224, global_batch=4096, rank=r, world_size=W, seed=0)
-        -> TrainLoader, iterated forever: (images (b, 3, H, W) float32, targets), b = global_batch / W;
-           targets int64 (b,) for single-label data, float (b, K) multi-hot (or mixed, with mixup).
+        -> TrainLoader, iterated forever: HostBatch(images uint8 (b, H, W, 3), or packed JPEGs
+           with their crops for GPU decode; targets; Mixup weight), b = global_batch / W;
+           targets int64 (b,) for single-label data, float (b, K) multi-hot.
     build_eval_loader(cfg, split, img_size=224, batch_size=256, rank=r, world_size=W)
-        -> finite batches of (images, targets, valid_mask); over all ranks every sample once.
+        -> finite batches of (uint8 images (b, H, W, 3), targets, valid_mask); over all ranks
+           every sample once.
+    loader.device_input(batch, device) -> (normalised float images, targets) on the device (Mixup
+        applied): the only way from a batch to the model (pretrain.data.device_input).
 
 The order of samples is `sharding.stream`'s: a function of (seed, epoch, step) alone, so
 `state_dict()` is just the position of the next batch the trainer will receive, and it does not
-change with the number of ranks or loader workers.
+change with the number of ranks, readers or decoders.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 from typing import Iterator, Optional
@@ -25,10 +30,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import sharding
 from pretrain.data import transforms as T
+from pretrain.data.decode_pool import ReaderDecoderPool, StepWork, split_into_pieces
+from pretrain.data.device_input import DeviceInput, HostBatch
+from pretrain.data.gpu_decode import CropPlan, JpegBatch, check_gpu_decode_config, plan_crop
 from sharding import format as fmt
 from sharding.plan import EpochPlan, StreamLayout, default_width
 from sharding.shard_source import ShardIndex, ShardSource
-from sharding.stream import RankStream, check_error_rate, eval_batches, read_eval_batch
+from sharding.stream import RankStream, StreamError, check_error_rate, eval_batches, read_eval_batch
 from sharding.tar_reader import ShardSample
 from vitscale_common.errors import UserError
 
@@ -46,11 +54,13 @@ class DataConfig:
     shards_url: Optional[str] = None  # fsspec URL holding the shard tars (s3://, gs://, https://); None: path/shards
     cache_dir: Optional[str] = None  # per-node folder caching remote shards; None: read remote shards directly
     cache_max_gb: float = 0.0  # size bound of cache_dir, least recently opened shards evicted first; 0: no bound
-    workers: int = 2  # loader processes per rank (0: decode in the training process); must divide stream_cycle
-    prefetch: int = 2  # batches each loader process prepares ahead
+    workers: int = 2  # decoding processes per rank, any number (0: read and decode in the training process)
+    readers: int = 2  # partition-reading processes per rank (with workers > 0); must divide stream_cycle
+    decode: str = "cpu"  # training JPEGs decoded by the workers (cpu), or in batches on the GPU (gpu)
+    prefetch: int = 2  # steps each reader prepares ahead
     shuffle_buffer: int = 1024  # samples held by each partition's shuffle buffer
     stream_width: int = 0  # partitions read per step; world sizes must divide it; 0: see sharding.plan.default_width
-    stream_cycle: int = 8  # steps before a partition is read again; loader workers per rank must divide it
+    stream_cycle: int = 8  # steps before a partition is read again; readers per rank must divide it
     crop_min_area: float = 0.05  # Inception crop: smallest fraction of the image area kept (official ViT: 5%)
     hflip: bool = True  # random horizontal flip in training
     randaugment_ops: int = 0  # RandAugment ops per image (AugReg: 2); 0: off
@@ -99,8 +109,24 @@ def open_split(cfg: DataConfig, split: str) -> SplitSource:
 
 
 # -- one sample: bytes -> (image, label) -------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A training sample as a reader hands it on to the decoders: nothing decoded yet but the header."""
+
+    name: str  # the sample's key, for log lines
+    jpeg: bytes
+    label: int | np.ndarray
+    key: tuple[int, ...]  # seeds the sample's augmentation
+    crop: CropPlan | None = None  # drawn by the reader when the GPU decodes (data.decode: gpu)
+
+
 class SampleDecoder:
-    """Decodes a shard sample into (HWC uint8 image, label); raises on anything unusable."""
+    """Shard samples -> labels and HWC uint8 images; raises on anything unusable.
+
+    Training splits the work: `prepare` runs in a partition reader (label, JPEG header, and
+    for GPU decode the crop), `pixels` in a decoder. What `prepare` rejects the stream
+    substitutes within the partition, as it does for unreadable samples.
+    """
 
     def __init__(self, cfg: DataConfig, img_size: int, train: bool, num_classes: int, multi_label: bool):
         self.cfg, self.img_size, self.train = cfg, img_size, train
@@ -125,18 +151,56 @@ class SampleDecoder:
         """The target of a padding slot (masked out, so its value never counts)."""
         return np.zeros(self.num_classes, dtype=np.float32) if self.multi_label else 0
 
-    def __call__(self, sample: ShardSample, key: tuple[int, ...]):
+    def prepare(self, sample: ShardSample, key: tuple[int, ...]) -> Prepared:
         data = sample.members["jpg"]
         label = self.label(sample)
+        if self.train and self.cfg.decode == "gpu":
+            crop = plan_crop(data, np.random.default_rng(key), min_area=self.cfg.crop_min_area, hflip=self.cfg.hflip)
+            return Prepared(sample.key, data, label, key, crop)
+        T.open_image(data)  # the header: bytes that are no image are caught here, in the reader
+        return Prepared(sample.key, data, label, key)
+
+    def pixels(self, sample: Prepared) -> np.ndarray:
         if self.train:
-            rng = np.random.default_rng(key)
             c = self.cfg
-            image = T.train_image(
-                data, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip, randaug=self.randaug
+            rng = np.random.default_rng(sample.key)
+            return T.train_image(
+                sample.jpeg, self.img_size, rng, min_area=c.crop_min_area, hflip=c.hflip, randaug=self.randaug
             )
-        else:
-            image = T.eval_image(data, self.img_size, self.cfg.eval_crop_fraction)
-        return image, label
+        return T.eval_image(sample.jpeg, self.img_size, self.cfg.eval_crop_fraction)
+
+    def __call__(self, sample: ShardSample, key: tuple[int, ...]):
+        """(image, label) of one sample, in one go (evaluation)."""
+        prepared = self.prepare(sample, key)
+        return self.pixels(prepared), prepared.label
+
+    def decode_piece(self, piece: list[Prepared]) -> tuple[torch.Tensor, dict[str, int]]:
+        """A run of prepared samples -> uint8 (n, S, S, 3) in shared memory, and what had to be replaced.
+
+        A sample whose header read but whose data does not decode is replaced by the nearest
+        earlier sample of the piece that decodes (else the nearest later one), augmented with its
+        own key: pieces are cut from the batch alone, so the result does not depend on the pool.
+        """
+        out = torch.empty((len(piece), self.img_size, self.img_size, 3), dtype=torch.uint8).share_memory_()
+        pixels = out.numpy()
+        failed: dict[int, Exception] = {}
+        for i, sample in enumerate(piece):
+            try:
+                pixels[i] = self.pixels(sample)
+            except Exception as e:  # any decoder failure is a bad sample, by contract
+                failed[i] = e
+        counters: collections.Counter = collections.Counter()
+        good = [i for i in range(len(piece)) if i not in failed]
+        for i, e in failed.items():
+            if not good:
+                raise StreamError(f"sample {piece[i].name}: {e}; no other sample of its batch piece decodes either")
+            j = max((g for g in good if g < i), default=None)
+            j = j if j is not None else min(good)
+            pixels[i] = self.pixels(dataclasses.replace(piece[j], key=piece[i].key))
+            counters["decode_error"] += 1
+            counters["substituted"] += 1
+            log.warning("sample %s: decode_error (%s); substituted by %s", piece[i].name, e, piece[j].name)
+        return out, dict(counters)
 
 
 def _targets(labels: list, multi_label: bool) -> torch.Tensor:
@@ -157,42 +221,25 @@ def _worker_loader(dataset: IterableDataset, workers: int, prefetch: int) -> Dat
                       pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
+def _device_input(cfg: DataConfig, split: SplitSource, img_size: int) -> DeviceInput:
+    return DeviceInput(cfg.mean, cfg.std, num_classes=split.num_classes, img_size=img_size)
+
+
 # -- training ----------------------------------------------------------------------------------
-class _TrainBatches(IterableDataset):
-    """One rank's batches from a resume point; inside a loader process, that worker's every K-th step."""
-
-    def __init__(self, loader: "TrainLoader", epoch: int, step: int):
-        self.loader, self.epoch, self.step = loader, epoch, step
-
-    def __iter__(self) -> Iterator[dict]:
-        L = self.loader
-        worker, workers = _worker_share()
-        decode = SampleDecoder(L.cfg, L.img_size, True, L.split.num_classes, L.split.multi_label)
-        stream = RankStream(
-            L.split.source, L.split.counts, L.layout, seed=L.seed, buffer=L.cfg.shuffle_buffer, decode=decode,
-            rank=L.rank, world_size=L.world_size, excluded=L.split.excluded, worker=worker, workers=workers,
-            epoch=self.epoch, step=self.step,
-        )  # fmt: skip
-        for batch in stream:
-            images, labels = zip(*batch.items)
-            x = T.batch_images(list(images), tuple(L.cfg.mean), tuple(L.cfg.std))
-            y = _targets(list(labels), L.split.multi_label)
-            if L.cfg.mixup_alpha > 0:
-                if not L.split.multi_label:
-                    y = torch.nn.functional.one_hot(y, L.split.num_classes).float()
-                rng = np.random.default_rng([L.seed, batch.epoch, batch.step, L.rank, _MIXUP_TAG])
-                x, y = T.mixup(x, y, L.cfg.mixup_alpha, rng)
-            yield {"epoch": batch.epoch, "step": batch.step, "images": x, "targets": y, "counters": batch.counters}
-
-
 class TrainLoader:
-    """Endless training batches of one rank; the state is the position of the next batch handed out."""
+    """Endless training batches (`HostBatch`) of one rank; the state is the position of the next batch handed out.
+
+    `data.readers` processes read the partitions (a divisor of `stream_cycle`), `data.workers`
+    processes decode (any number; 0: reading and decoding in this process). `device_input`
+    turns the batches into the model's input on its device.
+    """
 
     def __init__(self, cfg: DataConfig, split: SplitSource, layout: StreamLayout, *, img_size: int, rank: int,
                  world_size: int, seed: int):  # fmt: skip
-        layout.check_readers(world_size, cfg.workers)
+        layout.check_readers(world_size, cfg.readers)
         self.cfg, self.split, self.layout = cfg, split, layout
         self.img_size, self.rank, self.world_size, self.seed = img_size, rank, world_size, seed
+        self.device_input = _device_input(cfg, split, img_size)
         plan = EpochPlan(split.counts, layout, seed, 0)
         self.steps_per_epoch = plan.steps
         self.remainder = plan.remainder  # samples per epoch left out (< one global batch)
@@ -200,23 +247,69 @@ class TrainLoader:
         self._counters: collections.Counter = collections.Counter()
         self._samples = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        dataset = _TrainBatches(self, self.epoch, self.step)
-        for batch in _worker_loader(dataset, self.cfg.workers, self.cfg.prefetch):
-            if (batch["epoch"], batch["step"]) != (self.epoch, self.step):
-                got, want = f"{batch['epoch']}/{batch['step']}", f"{self.epoch}/{self.step}"
+    def _decoder(self) -> SampleDecoder:
+        return SampleDecoder(self.cfg, self.img_size, True, self.split.num_classes, self.split.multi_label)
+
+    def _read(self, epoch: int, step: int, reader: int, readers: int) -> Iterator[StepWork]:
+        """One reader's steps: the samples to decode (or, for GPU decode, the packed JPEGs) and the targets."""
+        decoder = self._decoder()
+        stream = RankStream(
+            self.split.source, self.split.counts, self.layout, seed=self.seed, buffer=self.cfg.shuffle_buffer,
+            decode=decoder.prepare, rank=self.rank, world_size=self.world_size, excluded=self.split.excluded,
+            reader=reader, readers=readers, epoch=epoch, step=step,
+        )  # fmt: skip
+        for batch in stream:
+            targets = _targets([p.label for p in batch.items], self.split.multi_label)
+            mix_weight = None
+            if self.cfg.mixup_alpha > 0:
+                rng = np.random.default_rng([self.seed, batch.epoch, batch.step, self.rank, _MIXUP_TAG])
+                mix_weight = float(rng.beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha))
+            head = HostBatch(None, targets, mix_weight, batch.epoch, batch.step)
+            if self.cfg.decode == "gpu":
+                jpegs = JpegBatch.pack([p.jpeg for p in batch.items], [p.crop for p in batch.items])
+                yield StepWork([], (dataclasses.replace(head, images=jpegs), batch.counters))
+            else:
+                yield StepWork(split_into_pieces(batch.items), (head, batch.counters))
+
+    def _assemble(self, meta, pieces: list) -> tuple[HostBatch, dict]:
+        head, counters = meta
+        if pieces:
+            images = torch.cat([p[0] for p in pieces])
+            counters = sum((collections.Counter(p[1]) for p in pieces), collections.Counter(counters))
+            head = dataclasses.replace(head, images=images)
+        return (head.pin_memory() if torch.cuda.is_available() else head), dict(counters)
+
+    def _batches(self) -> Iterator[tuple[HostBatch, dict]]:
+        read = functools.partial(self._read, self.epoch, self.step)
+        if self.cfg.workers == 0:
+            decoder = self._decoder()
+            for work in read(0, 1):
+                yield self._assemble(work.meta, [decoder.decode_piece(p) for p in work.pieces])
+            return
+        decoders = 0 if self.cfg.decode == "gpu" else self.cfg.workers
+        yield from ReaderDecoderPool(read, self._decoder().decode_piece, self._assemble, readers=self.cfg.readers,
+                                     decoders=decoders, ahead=self.cfg.prefetch)  # fmt: skip
+
+    def __iter__(self) -> Iterator[HostBatch]:
+        for batch, counters in self._batches():
+            if (batch.epoch, batch.step) != (self.epoch, self.step):
+                got, want = f"{batch.epoch}/{batch.step}", f"{self.epoch}/{self.step}"
                 raise RuntimeError(f"loader out of order: got epoch/step {got}, want {want}")
-            self._counters.update(batch["counters"])
-            self._samples += len(batch["images"])
-            check_error_rate(self._counters, self._samples, self.cfg.max_error_rate)
+            self._counters.update(counters)
+            self._samples += len(batch.targets)
+            check_error_rate(self.counters(), self._samples, self.cfg.max_error_rate)
             self.step += 1
             if self.step == self.steps_per_epoch:
                 self.epoch, self.step = self.epoch + 1, 0
-            yield batch["images"], batch["targets"]
+            yield batch
 
     def counters(self) -> dict[str, int]:
-        """Samples this rank had to substitute, by reason (and 'substituted' in total), since start."""
-        return dict(self._counters)
+        """Samples this rank had to substitute, by reason (and 'substituted' in total), since start.
+
+        With `data.decode: gpu` this includes what the device decoder counted on the batches
+        handed out so far (`device_input.counters`).
+        """
+        return dict(self._counters + self.device_input.counters)
 
     def state_dict(self) -> dict:
         """The stream position; only batches already handed out count as consumed."""
@@ -243,6 +336,12 @@ def build_train_loader(cfg: DataConfig, *, img_size: int, global_batch: int, ran
                        seed: int) -> TrainLoader:  # fmt: skip
     if global_batch % world_size:
         raise UserError(f"train.batch_size={global_batch} is not a multiple of the world size {world_size}")
+    if cfg.decode not in ("cpu", "gpu"):
+        raise UserError(f"data.decode={cfg.decode!r}: choose cpu (the loader's workers) or gpu (the training device)")
+    if cfg.decode == "gpu":
+        check_gpu_decode_config(cfg.randaugment_ops)
+    if cfg.workers > 0 and cfg.readers < 1:
+        raise UserError(f"data.readers={cfg.readers}: with loader workers at least one reader process is needed")
     split = open_split(cfg, cfg.train_split)
     width = cfg.stream_width or default_width(global_batch, len(split.counts), cfg.stream_cycle)
     layout = StreamLayout(global_batch, width, cfg.stream_cycle)
@@ -255,6 +354,7 @@ class _EvalBatches(IterableDataset):
         self.loader = loader
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(uint8 (B, S, S, 3) images, targets, valid mask) per batch of this worker's share."""
         L = self.loader
         worker, workers = _worker_share()
         decode = SampleDecoder(L.cfg, L.img_size, False, L.split.num_classes, L.split.multi_label)
@@ -265,19 +365,23 @@ class _EvalBatches(IterableDataset):
             valid = [item is not None for item in items] + [False] * (L.batch_size - len(items))
             items = [item if item is not None else blank for item in items] + [blank] * (L.batch_size - len(items))
             images, labels = zip(*items)
-            x = T.batch_images(list(images), tuple(L.cfg.mean), tuple(L.cfg.std))
-            yield x, _targets(list(labels), L.split.multi_label), torch.tensor(valid)
+            yield torch.from_numpy(np.stack(images)), _targets(list(labels), L.split.multi_label), torch.tensor(valid)
         if counters:
             log.warning("evaluation left out %d unusable samples (%s)", sum(counters.values()),
                         ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))  # fmt: skip
 
 
 class EvalLoader:
-    """Finite (images, targets, valid_mask) batches of one rank; padding and unreadable samples are masked."""
+    """Finite (uint8 images, targets, valid_mask) batches of one rank; padding and unreadable samples are masked.
+
+    Evaluation batches have no partitions to keep apart, so `data.workers` processes each read
+    and decode whole batches; `device_input` turns their images into the model's input.
+    """
 
     def __init__(self, cfg: DataConfig, split: SplitSource, *, img_size: int, batch_size: int, rank: int,
                  world_size: int):  # fmt: skip
         self.cfg, self.split, self.img_size, self.batch_size = cfg, split, img_size, batch_size
+        self.device_input = _device_input(cfg, split, img_size)
         self.batches = eval_batches(sum(split.counts), batch_size, rank, world_size)
 
     def __len__(self) -> int:

@@ -3,7 +3,8 @@
 Training: Inception crop (random area in [min_area, 1] of the image, aspect ratio in [3/4, 4/3],
 as the official ViT code with min area 5%, not torchvision's 8%), resize to the model size,
 horizontal flip, optionally RandAugment (AugReg). Evaluation: resize the shorter side, centre
-crop. Normalisation happens on the batch tensor (`batch_images`): to [-1, 1] by default.
+crop. The results are uint8; casting, normalisation and Mixup happen on the device
+(`pretrain.data.device_input`).
 
 Every random choice comes from the `numpy.random.Generator` passed in, which the stream seeds
 per sample slot; so an augmented sample is the same however the run was cut into pieces.
@@ -17,7 +18,6 @@ import io
 import math
 
 import numpy as np
-import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 MAX_PIXELS = 89_478_485  # PIL's own bomb threshold, checked from the header before decoding
@@ -108,26 +108,6 @@ def eval_image(data: bytes, size: int, crop_fraction: float = 1.0) -> np.ndarray
     side = min(w, h) * crop_fraction  # the centred square that ends up in the output
     box = ((w - side) / 2, (h - side) / 2, side, side)
     return np.asarray(_decode_region(img, box, size), dtype=np.uint8)
-
-
-def batch_images(images: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """HWC uint8 images -> (B, 3, H, W) float32, (x / 255 - mean) / std; mean = std = 0.5 gives [-1, 1]."""
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, H, W) view, uint8
-    out = torch.empty(pixels.shape, dtype=torch.float32)
-    out.copy_(pixels)  # layout change and conversion in one pass
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return out.mul_(1.0 / (255.0 * s)).sub_(m / s)
-
-
-def mixup(
-    images: torch.Tensor, targets: torch.Tensor, alpha: float, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mix each example with its neighbour (roll by one), one Beta(alpha, alpha) weight per batch, as big_vision."""
-    lam = float(rng.beta(alpha, alpha))
-    images = lam * images + (1 - lam) * images.roll(1, dims=0)
-    targets = lam * targets + (1 - lam) * targets.roll(1, dims=0)
-    return images, targets
 
 
 class RandAugment:

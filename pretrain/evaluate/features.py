@@ -46,9 +46,12 @@ def _model_io(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 def _forward_batches(model, loader, max_batches, desc):
     """Yield (representation, logits, targets, valid_mask, ids or None) per batch, eval mode, no grad.
 
-    A batch is `(images, targets, valid_mask)` or `(images, targets, valid_mask, ids)`.
+    A batch is `(images, targets, valid_mask)` or `(images, targets, valid_mask, ids)`. A loader of
+    `pretrain.data` hands over uint8 images and the `device_input` that normalises them on the
+    model's device; any other iterable (tests, user code) yields images ready for the model.
     """
     device, dtype = _model_io(model)
+    inputs = getattr(loader, "device_input", None)
     was_training = model.training
     model.eval()
     try:
@@ -60,7 +63,8 @@ def _forward_batches(model, loader, max_batches, desc):
             # no_grad per batch, never across the yield: a consumer that stops early would
             # otherwise leave gradients switched off for the whole process.
             with torch.no_grad():
-                tokens = model.forward_features(images.to(device=device, dtype=dtype, non_blocking=True))
+                x = images if inputs is None else inputs.images(images, device)
+                tokens = model.forward_features(x.to(device=device, dtype=dtype, non_blocking=True))
                 rep = model.forward_head(tokens, pre_logits=True).float().cpu()
                 logits = model.forward_head(tokens).float().cpu()
             yield rep, logits, targets, valid.bool(), (ids[0] if ids else None)

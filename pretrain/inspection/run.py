@@ -221,6 +221,8 @@ def images_from_folder(folder: Path, img_size: int, mean, std, limit: int) -> tu
     import numpy as np
     from PIL import Image
 
+    from pretrain.data.device_input import DeviceInput
+
     batch, names = [], []
     for f in _image_files(folder, limit):
         try:
@@ -229,12 +231,11 @@ def images_from_folder(folder: Path, img_size: int, mean, std, limit: int) -> tu
                 side = min(im.size)
                 left, top = (im.width - side) // 2, (im.height - side) // 2
                 im = im.crop((left, top, left + side, top + side)).resize((img_size, img_size), Image.BICUBIC)
-                x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                batch.append(np.asarray(im, dtype=np.uint8))
         except OSError as e:
             raise UserError(f"{f}: cannot read image: {e}") from None
-        batch.append((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
         names.append(f.name)
-    return torch.stack(batch), names
+    return DeviceInput(mean, std).images(torch.from_numpy(np.stack(batch)), "cpu"), names
 
 
 def images_from_shards(path: Path, split: str, img_size: int, data_section: dict, limit: int) -> torch.Tensor:
@@ -245,7 +246,7 @@ def images_from_shards(path: Path, split: str, img_size: int, data_section: dict
     cfg = DataConfig(**{**fields, "path": str(path), "workers": 0})
     loader = build_eval_loader(cfg, split, img_size=img_size, batch_size=limit, rank=0, world_size=1)
     images, _, valid = next(iter(loader))
-    return images[valid.bool()]
+    return loader.device_input.images(images[valid.bool()], "cpu")
 
 
 def _run_context(run_dir: Path | None) -> tuple[str | None, dict, Any]:

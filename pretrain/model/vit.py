@@ -293,6 +293,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, prefix + H/P * W/P, D)."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"the model takes normalised floating-point images, got {x.dtype}: pass loader batches through "
+                "pretrain.data.device_input.DeviceInput (it casts, normalises and mixes them on the device)"
+            )
         if tuple(x.shape[-2:]) != self.cfg.img_hw:
             raise ValueError(
                 f"input {x.shape[-2]}x{x.shape[-1]} does not match the model's {self.cfg.img_hw[0]}x{self.cfg.img_hw[1]};"

@@ -66,6 +66,8 @@ RESUMABLE_CHANGES = (
     "checkpoint",
     "slurm",
     "data.workers",
+    "data.readers",
+    "data.decode",
     "data.cache_dir",
     "data.prefetch",
     "zero.reduce_bucket_size",

@@ -161,9 +161,18 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
         return total / self.cfg.grad_accum, self.engine.skipped_steps == skipped_before
 
+    def _device_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, targets) on the engine's device, the next batch's copy under way during each step.
+
+        A loader of `pretrain.data` hands over host batches and the `device_input` that makes the
+        model's input of them; any other iterable (benchmarks, tests) yields that input itself.
+        """
+        inputs = getattr(self.loader, "device_input", None)
+        return iter(self.loader) if inputs is None else inputs.ahead(self.loader, self.engine.device)
+
     def fit(self, start_step: int, total_steps: int, stop: StopRequest, watchdog: Watchdog) -> str:
         """Train steps start_step+1 .. total_steps; returns 'done' or 'stopped' (a signal)."""
-        batches: Iterator = iter(self.loader)
+        batches = self._device_batches()
         bar = tqdm(total=total_steps, initial=start_step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
         window = _Window()
         step = start_step

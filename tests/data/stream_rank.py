@@ -21,8 +21,9 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("state"):
         loader.load_state_dict(spec["state"])
     batches = []
-    for i, (images, targets) in enumerate(loader):
-        batches.append({"targets": targets.tolist(), "digest": hashlib.sha1(images.numpy().tobytes()).hexdigest()})
+    for i, batch in enumerate(loader):
+        digest = hashlib.sha1(batch.images.numpy().tobytes()).hexdigest()
+        batches.append({"targets": batch.targets.tolist(), "digest": digest})
         if i + 1 == spec["batches"]:
             break
     out = {"batches": batches, "state": loader.state_dict(), "counters": loader.counters(),

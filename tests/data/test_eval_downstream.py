@@ -159,7 +159,7 @@ def test_vit_eval_scores_match_direct_computation(imagenet, timm_weights, tmp_pa
         DataConfig(path=str(imagenet.path), workers=0), "val", img_size=64, batch_size=7, rank=0, world_size=1
     )
     with torch.no_grad():
-        batches = [(model(x), y, v) for x, y, v in loader]
+        batches = [(model(loader.device_input.images(x, "cpu")), y, v) for x, y, v in loader]
     logits = torch.cat([lg[v] for lg, _, v in batches])
     targets = torch.cat([y[v] for _, y, v in batches])
     assert results["samples"] == 12

@@ -42,13 +42,14 @@ def dataset(tmp_path_factory):
 
 
 def take(cfg, batches, *, world=1, rank=0, seed=0, state=None):
-    """Batches from an in-process loader (its workers are real processes); returns (batches, state)."""
+    """(images, targets) as the model gets them, from an in-process loader (its readers and decoders are real
+    processes); returns (batches, state, counters)."""
     loader = build_train_loader(cfg, img_size=IMG, global_batch=GLOBAL_BATCH, rank=rank, world_size=world, seed=seed)
     if state:
         loader.load_state_dict(state)
     out = []
-    for images, targets in loader:
-        out.append((images, targets))
+    for batch in loader:
+        out.append(loader.device_input(batch, "cpu"))
         if len(out) == batches:
             break
     return out, loader.state_dict(), loader.counters()
@@ -267,7 +268,7 @@ def test_eval_loader_yields_every_sample_once_across_ranks(dataset):
         loader = build_eval_loader(cfg, "val", img_size=IMG, batch_size=8, rank=rank, world_size=2)
         counts.append(len(loader))
         for images, targets, valid in loader:
-            assert images.shape == (8, 3, IMG, IMG) and images.dtype == torch.float32
+            assert images.shape == (8, IMG, IMG, 3) and images.dtype == torch.uint8
             seen += targets[valid].tolist()
     assert counts[0] == counts[1] == len(list(loader))
     assert sorted(seen) == sorted(sample_ids(dataset, "val"))
@@ -303,7 +304,7 @@ def test_multi_label_samples_become_multi_hot_rows():
 def test_plan_report_matches_the_loader(dataset, capsys):
     from sharding.plan_report import main
 
-    assert main([str(dataset), "--global-batch", "16", "--world-size", "2", "--workers", "2", "--width", "4",
+    assert main([str(dataset), "--global-batch", "16", "--world-size", "2", "--readers", "2", "--width", "4",
                  "--cycle", "4"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "370 samples in 10 shards -> 16 partitions" in out

@@ -65,15 +65,15 @@ def decoder(bad: set[str]):
     return decode
 
 
-def batches(shards, bad, *, start=(0, 0), world=1, workers=1, indexed=True):
+def batches(shards, bad, *, start=(0, 0), world=1, readers=1, indexed=True):
     urls, offsets = shards
     layout = StreamLayout(12, 2, 2)  # 4 partitions of ~36 samples
     out = {}
     for rank in range(world):
-        for worker in range(workers):
+        for reader in range(readers):
             source = ShardSource(urls, index=Index(offsets) if indexed else None)
             stream = RankStream(source, COUNTS, layout, seed=5, buffer=6, decode=decoder(bad), rank=rank,
-                                world_size=world, worker=worker, workers=workers, epoch=start[0], step=start[1])  # fmt: skip
+                                world_size=world, reader=reader, readers=readers, epoch=start[0], step=start[1])  # fmt: skip
             for b in stream:
                 if b.epoch > start[0]:
                     break
@@ -110,7 +110,7 @@ def test_resume_at_every_step_reproduces_substitutes(shards, indexed):
     for s0 in range(steps):
         resumed, _ = batches(shards, bad, start=(0, s0), indexed=indexed)
         assert [resumed[s] for s in range(s0, steps)] == [full[s] for s in range(s0, steps)], f"resume at {s0}"
-    split, _ = batches(shards, bad, world=2, workers=2, indexed=indexed)
+    split, _ = batches(shards, bad, world=2, readers=2, indexed=indexed)
     assert split == full
 
 

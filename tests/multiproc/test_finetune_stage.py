@@ -65,7 +65,7 @@ def pretrained(shards, tmp_path_factory) -> Path:
     loader = build_eval_loader(
         DataConfig(path=str(shards), workers=0), "train", img_size=16, batch_size=512, rank=0, world_size=1
     )
-    batches = [(x[v.bool()], y[v.bool()]) for x, y, v in loader]
+    batches = [(loader.device_input.images(x[v.bool()], "cpu"), y[v.bool()]) for x, y, v in loader]
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     torch.manual_seed(0)
     model = create_model("vit_ti16", img_size=16, **ARCH)

@@ -29,6 +29,7 @@ CONSOLE_SCRIPTS = [
     "vit-inspect",
     "vit-demo",
     "vit-submit",
+    "vit-plan",
 ]
 # The `python -m` paths in README, docs, configs' headers and the sbatch template.
 MODULE_PATHS = [
@@ -39,6 +40,7 @@ MODULE_PATHS = [
     "data_prep.cli",
     "data_prep.dedup",
     "sharding.plan_report",
+    "pretrain.plan",
 ]
 
 

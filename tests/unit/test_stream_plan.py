@@ -78,7 +78,7 @@ def test_layout_errors_name_the_setting():
         StreamLayout(10, 4, 2)
     with pytest.raises(PlanError, match="world size 3"):
         StreamLayout(16, 4, 2).check_readers(3, 1)
-    with pytest.raises(PlanError, match="data.workers=3"):
+    with pytest.raises(PlanError, match="data.readers=3"):
         StreamLayout(16, 4, 8).check_readers(2, 3)
     with pytest.raises(PlanError, match="fewer than one global batch"):
         EpochPlan([5, 5], StreamLayout(16, 4, 2), 0, 0)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pretrain.data import transforms as T
+from pretrain.data.device_input import DeviceInput, mixup
 
 
 def _jpeg(pixels: np.ndarray, quality=92) -> bytes:
@@ -64,7 +65,7 @@ def test_eval_centre_crop_and_normalisation():
     pixels[:, 50:150] = 255  # the centred square is white, the sides black
     out = T.eval_image(_jpeg(pixels, 100), 32)
     assert out.shape == (32, 32, 3) and out[4:-4, 4:-4].min() > 240
-    x = T.batch_images([out, np.zeros_like(out)], (0.5,) * 3, (0.5,) * 3)
+    x = DeviceInput((0.5,) * 3, (0.5,) * 3).images(torch.from_numpy(np.stack([out, np.zeros_like(out)])), "cpu")
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
     assert x[0].max() == 1.0 and x[1].min() == -1.0
 
@@ -82,7 +83,8 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_mixup_mixes_images_and_targets_alike():
     x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     y = torch.eye(4)
-    mx, my = T.mixup(x, y, 0.5, np.random.default_rng(0))
+    mx, my = mixup(x, y, 0.3)
     lam = my[0, 0].item()
+    assert lam == pytest.approx(0.3)
     assert torch.allclose(my.sum(1), torch.ones(4))
     assert torch.allclose(mx[1], lam * x[1] + (1 - lam) * x[0])
