@@ -34,14 +34,23 @@ from vitscale_common.errors import UserError, cli_entry
 REAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
-def _with_sample_ids(loader) -> Iterator[tuple]:
+class _WithSampleIds:
     """The eval loader's batches with the split-wide position of each slot as a 4th element.
 
     `EvalLoader.batches[i]` describes the i-th batch it yields: `count` consecutive positions
-    of the split from `start` (padding slots after them are masked out).
+    of the split from `start` (padding slots after them are masked out). Its length and its
+    `device_input` (the feature extractor normalises on the model's device with it) carry over.
     """
-    for (images, targets, valid), batch in zip(loader, loader.batches, strict=True):
-        yield images, targets, valid, torch.arange(batch.start, batch.start + len(valid))
+
+    def __init__(self, loader):
+        self.loader, self.device_input = loader, loader.device_input
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for (images, targets, valid), batch in zip(self.loader, self.loader.batches, strict=True):
+            yield images, targets, valid, torch.arange(batch.start, batch.start + len(valid))
 
 
 def _split_index(ds, split: str) -> tuple[list[str], list]:
@@ -196,7 +205,7 @@ def run_eval(args, env, device) -> None:
     data_cfg = _data_config(source, args)
 
     def loader(split):
-        return _with_sample_ids(
+        return _WithSampleIds(
             build_eval_loader(
                 data_cfg,
                 split,
