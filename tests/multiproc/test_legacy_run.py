@@ -67,4 +67,15 @@ def test_legacy_run_resumes_to_the_weights_it_ended_with(tmp_path, digits_shards
     want = load_file(FIXTURES / "legacy_run_step4.safetensors")
     assert sorted(got) == sorted(want)
     for name in want:  # float32 CPU arithmetic: low bits may differ on another processor
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        g, w = got[name], want[name]
+        if name.endswith("attn.qkv.bias"):
+            # The key bias's gradient is zero (softmax ignores a constant added to a row's logits),
+            # so its entries are rounding noise that Adam scales to steps of up to the learning
+            # rate: processors differ there by far more than float tolerance. They are held to
+            # Adam's bound (the 4 steps' learning rates sum to 3.0e-3); the query and value
+            # biases to float tolerance.
+            q, k, v = g.chunk(3)
+            wq, wk, wv = w.chunk(3)
+            assert k.abs().max() < 3e-3 and wk.abs().max() < 3e-3, name
+            g, w = torch.cat([q, v]), torch.cat([wq, wv])
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=name)
