@@ -8,13 +8,13 @@ A GPU node trains ViT-B/16 faster than its CPU cores can decode and crop JPEGs, 
   order, as the CPU path's `transforms.train_image`), and pack the batch's JPEG bytes into one
   tensor with offsets (`plan_crop`, `JpegBatch.pack`);
 - the training process decodes the batch with torchvision's `decode_jpeg` (nvJPEG on CUDA,
-  libjpeg-turbo on the CPU), then crops, resizes (bilinear, antialiased, as PIL's BILINEAR
-  downscale) and flips each sample on the device (`decode_crops`).
+  libjpeg-turbo on the CPU), then crops, resizes and flips each sample on the device with
+  the CPU path's own `transforms.crop_resize` (`decode_crops`).
 
 A JPEG the device decoder rejects is decoded on the CPU with PIL and goes through the same
-crop and resize, so both paths train on the same samples; such fallbacks are counted. Pixels
-are not bitwise those of the CPU path, which decodes with PIL's DCT-domain downscale: the
-tests bound the difference in PSNR (docs/DATA_STREAM.md, "GPU decode").
+crop and resize, so both paths train on the same samples; such fallbacks are counted. With
+`device=cpu` the pixels are the CPU path's, bit for bit; on a GPU they differ by what nvJPEG
+and CUDA's floating-point resize round differently (docs/DATA_STREAM.md, "GPU decode").
 
 RandAugment runs on PIL images and is not re-implemented here: `check_gpu_decode_config`
 refuses it. Evaluation always decodes on the CPU (`transforms.eval_image`).
@@ -31,7 +31,6 @@ from typing import MutableMapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pretrain.data import transforms as T
@@ -139,7 +138,7 @@ def decode_crops(
     plans = zip(images, batch.boxes.tolist(), batch.flips.tolist())
     for i, (image, box, flip) in enumerate(plans):
         if image is not None:
-            out[i] = crop_resize(image, box, size, flip)
+            out[i] = T.crop_resize(image, box, size, flip)
     good = [i for i, image in enumerate(images) if image is not None]
     for i in (i for i, image in enumerate(images) if image is None):
         if not good:
@@ -149,16 +148,6 @@ def decode_crops(
         counts["decode_error"] = counts.get("decode_error", 0) + 1
         counts["substituted"] = counts.get("substituted", 0) + 1
     return out
-
-
-def crop_resize(image: torch.Tensor, box: Sequence[int], size: int, flip: bool) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, size, size): the box, resized with antialiased bilinear, flipped."""
-    left, top, width, height = box
-    crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
-    resized = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if flip:
-        resized = resized.flip(-1)
-    return resized.round_().to(torch.uint8)
 
 
 def _decode_all(
@@ -184,7 +173,6 @@ def _decode_all(
 
 def _decode_with_pil(jpeg: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
-        img = T.open_image(jpeg.numpy().tobytes()).convert("RGB")
+        return T.pil_rgb(jpeg.numpy().tobytes()).to(device)
     except Exception:  # any decoder failure is a bad sample, by contract
         return None
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(device)

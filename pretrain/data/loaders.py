@@ -174,15 +174,16 @@ class SampleDecoder:
         prepared = self.prepare(sample, key)
         return self.pixels(prepared), prepared.label
 
-    def decode_piece(self, piece: list[Prepared]) -> tuple[torch.Tensor, dict[str, int]]:
-        """A run of prepared samples -> uint8 (n, S, S, 3) in shared memory, and what had to be replaced.
+    def decode_piece(self, piece: list[Prepared]) -> tuple[np.ndarray, dict[str, int]]:
+        """A run of prepared samples -> uint8 (n, S, S, 3), and what had to be replaced.
 
         A sample whose header read but whose data does not decode is replaced by the nearest
         earlier sample of the piece that decodes (else the nearest later one), augmented with its
         own key: pieces are cut from the batch alone, so the result does not depend on the pool.
         """
-        out = torch.empty((len(piece), self.img_size, self.img_size, 3), dtype=torch.uint8).share_memory_()
-        pixels = out.numpy()
+        # A plain array: pickled through the pool's pipe it costs less than a shared-memory
+        # tensor per piece (a new segment, its descriptor passed over a socket).
+        pixels = np.empty((len(piece), self.img_size, self.img_size, 3), dtype=np.uint8)
         failed: dict[int, Exception] = {}
         for i, sample in enumerate(piece):
             try:
@@ -200,7 +201,7 @@ class SampleDecoder:
             counters["decode_error"] += 1
             counters["substituted"] += 1
             log.warning("sample %s: decode_error (%s); substituted by %s", piece[i].name, e, piece[j].name)
-        return out, dict(counters)
+        return pixels, dict(counters)
 
 
 def _targets(labels: list, multi_label: bool) -> torch.Tensor:
@@ -274,7 +275,7 @@ class TrainLoader:
     def _assemble(self, meta, pieces: list) -> tuple[HostBatch, dict]:
         head, counters = meta
         if pieces:
-            images = torch.cat([p[0] for p in pieces])
+            images = torch.from_numpy(np.concatenate([p[0] for p in pieces]))
             counters = sum((collections.Counter(p[1]) for p in pieces), collections.Counter(counters))
             head = dataclasses.replace(head, images=images)
         return (head.pin_memory() if torch.cuda.is_available() else head), dict(counters)
