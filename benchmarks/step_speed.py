@@ -1,8 +1,8 @@
-"""One training loop's speed at a pretraining recipe, on synthetic batches already on the device.
+"""One training loop's speed at a pretraining recipe: on synthetic batches already on the device, or fed shards.
 
     python benchmarks/step_speed.py --recipe configs/pretrain/vit_b16_in21k.yaml --loop trainer
         [--compile none|blocks|both] [--batch 128] [--steps 20] [--warmup 5] [--device cuda]
-        [--set KEY=VALUE ...] [--out results.jsonl] [--smoke]
+        [--set KEY=VALUE ...] [--feed SHARDS] [--out results.jsonl] [--smoke]
     torchrun --nproc_per_node 2 benchmarks/step_speed.py ... --loop trainer   (the trainer on 2 ranks)
     python benchmarks/step_speed.py --summary results.jsonl
 
@@ -14,6 +14,10 @@ Loops (one per process, so each starts with an empty GPU and no compiled code):
 - `bare`: the same model in a plain compiled PyTorch loop: fp32 weights, forward and loss
   under bf16 autocast (on a GPU), clip, fused AdamW. What the trainer is measured against.
 - `timm`: timm's ViT of the same size in that bare loop.
+`--feed SHARDS` (trainer): the same engine also fed real shards through the recipe's loader
+(`--set data.decode=gpu` etc.), in rounds alternating with the synthetic batches; the fed row
+gives its speed as a ratio of the synthetic one's, and the CPU cores its loader processes and
+the training process kept busy meanwhile.
 
 Each prints one JSON line (and appends it to --out): images/s over the timed steps, MFU
 against the detected card's dense bf16 peak (3 x forward FLOPs per image), and for the
@@ -110,8 +114,8 @@ def start_ranks() -> tuple[int, int]:
     return env.rank, env.world_size
 
 
-def build_trainer(cfg, args, mode: str, rank: int, world: int, work: Path) -> Trainer:
-    """The recipe's engine (`train.compile` = mode) and a Trainer over a repeated in-device batch."""
+def build_engine_for_mode(cfg, args, mode: str, world: int):
+    """The recipe's DeepSpeed engine with `train.compile` = mode, and the config it was built from."""
     cfg = copy.deepcopy(cfg)
     cfg.train.compile = mode
     cfg.train.batch_size = args.batch * world
@@ -121,20 +125,59 @@ def build_trainer(cfg, args, mode: str, rank: int, world: int, work: Path) -> Tr
     model = build_model_for(cfg.zero, ds, lambda: build_model(cfg.model))
     if mode == "blocks":
         compile_blocks(model, cfg.train.compile_backend)
-    engine = build_engine(model, ds, cfg.train.optim, args.warmup + args.steps)
-    torch.manual_seed(rank)
-    batch = synthetic_batch(cfg, args.batch, engine.device)
+    rounds = 2 if args.feed else 1  # fed batches take turns with the synthetic ones on one engine
+    return build_engine(model, ds, cfg.train.optim, args.warmup * rounds + args.steps * rounds), cfg
 
-    class Repeat:
-        def __iter__(self):
-            while True:
-                yield batch
 
+def make_trainer(engine, batches, cfg, rank: int, work: Path, name: str) -> Trainer:
     # Steady state: a log line (which reads the window) only where a fit call ends.
     cfg.train.log_every = cfg.train.stop_check_every = 10**9
-    log = RunLog(work / f"trainer-{mode}", enabled=False, resume_step=0)
-    return Trainer(engine, Repeat(), cfg.train, num_classes=cfg.model.num_classes, rank=rank, log=log,
+    log = RunLog(work / f"trainer-{name}", enabled=False, resume_step=0)
+    return Trainer(engine, batches, cfg.train, num_classes=cfg.model.num_classes, rank=rank, log=log,
                    hooks=Hooks(save=lambda step, final: None))  # fmt: skip
+
+
+class Repeat:
+    """One batch already on the device, forever: the step with no input cost at all."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class LiveLoader:
+    """A training loader whose one iterator spans fit calls: its workers start once, as in a run."""
+
+    def __init__(self, loader):
+        self.device_input, self.counters = loader.device_input, loader.counters
+        self._batches = iter(loader)
+
+    def __iter__(self):
+        return self._batches
+
+
+def shard_loader(cfg, args, rank: int, world: int) -> LiveLoader:
+    from pretrain.data.loaders import build_train_loader
+
+    cfg.data.path = str(args.feed)
+    return LiveLoader(build_train_loader(cfg.data, img_size=cfg.model.img_size, global_batch=args.batch * world,
+                                         rank=rank, world_size=world, seed=0))  # fmt: skip
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's live child processes (the loader's readers and decoders), from /proc."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
 
 
 def fit_seconds(trainer: Trainer, start: int, steps: int, device: torch.device) -> float:
@@ -145,26 +188,49 @@ def fit_seconds(trainer: Trainer, start: int, steps: int, device: torch.device) 
 
 
 def trainer_loops(cfg, args, device) -> list[dict]:
-    """vit-pretrain's step, eager and/or compiled; with both, in alternating rounds of the same run."""
+    """vit-pretrain's step, eager and/or compiled, or fed synthetic and real batches: in alternating
+    rounds of the same run where two are timed."""
     rank, world = start_ranks()
+    work = Path(args.work)
     modes = ["none", "blocks"] if args.compile == "both" else [args.compile]
-    trainers = {m: build_trainer(cfg, args, m, rank, world, Path(args.work)) for m in modes}
+    trainers = {}
+    for m in modes:
+        engine, mcfg = build_engine_for_mode(cfg, args, m, world)
+        torch.manual_seed(rank)
+        trainers[m] = make_trainer(engine, Repeat(synthetic_batch(mcfg, args.batch, engine.device)), mcfg, rank,
+                                   work, m)  # fmt: skip
+        if args.feed:
+            fed = f"{m}, shards ({mcfg.data.decode} decode)"
+            trainers[fed] = make_trainer(engine, shard_loader(mcfg, args, rank, world), mcfg, rank, work, "fed")
     warmup = {m: fit_seconds(t, 0, args.warmup, device) for m, t in trainers.items()}
-    seconds, syncs, done = dict.fromkeys(modes, 0.0), {m: SyncCount(device) for m in modes}, 0
+    seconds, syncs, done = dict.fromkeys(trainers, 0.0), {m: SyncCount(device) for m in trainers}, 0
+    cpu = {m: {"loader": 0.0, "trainer": 0.0} for m in trainers}
     while done < args.steps:
         n = min(args.round, args.steps - done)
         for m, trainer in trainers.items():
+            c0, p0 = children_cpu_seconds(), time.process_time()
             with syncs[m]:
                 seconds[m] += fit_seconds(trainer, args.warmup + done, n, device)
+            cpu[m]["loader"] += children_cpu_seconds() - c0
+            cpu[m]["trainer"] += time.process_time() - p0
         done += n
     rows = []
     for m, trainer in trainers.items():
         trainer.log.close()
-        rows.append({"loop": f"trainer {m}", "seconds": seconds[m], "steps": args.steps, "world": world,
-                     "warmup_s": warmup[m], "host_syncs": dict(syncs[m].where),
-                     "deepspeed": trainer.engine.vitscale_patches_line})  # fmt: skip
-    if len(rows) == 2:
-        rows[1]["vs_eager_same_run"] = round(seconds["none"] / seconds["blocks"], 3)
+        row = {"loop": f"trainer {m}", "seconds": seconds[m], "steps": args.steps, "world": world,
+               "warmup_s": warmup[m], "host_syncs": dict(syncs[m].where),
+               "deepspeed": trainer.engine.vitscale_patches_line}  # fmt: skip
+        if isinstance(trainer.loader, LiveLoader):
+            synthetic = m.split(",")[0]
+            row["vs_synthetic_same_run"] = round(seconds[synthetic] / seconds[m], 3)
+            # CPU cores busy while fed: the loader's processes, and this one's (the step's host side, GPU decode's)
+            row["loader_cores"] = round(cpu[m]["loader"] / seconds[m], 2)
+            row["trainer_process_cores"] = round(cpu[m]["trainer"] / seconds[m], 2)
+            row["data_counters"] = trainer.loader.counters()
+        rows.append(row)
+    if args.compile == "both":
+        compiled = next(r for r in rows if r["loop"] == "trainer blocks")
+        compiled["vs_eager_same_run"] = round(seconds["none"] / seconds["blocks"], 3)
     distributed.shutdown()
     return rows if rank == 0 else []
 
@@ -251,8 +317,9 @@ def summary(path: Path) -> str:
     bare = {r["recipe"]: r["images_per_s"] for r in rows if r["loop"] == "bare compiled"}
     eager = {r["recipe"]: r["images_per_s"] for r in rows if r["loop"] == "trainer none"}
     lines = [
-        "| recipe | loop | images/s | step ms | vs bare loop | vs eager trainer | MFU | host syncs per step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| recipe | loop | images/s | step ms | vs bare loop | vs eager trainer | MFU | host syncs per step "
+        "| fed vs synthetic (CPU cores: loader + trainer) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratios = [f"{r['images_per_s'] / ref[r['recipe']]:.3f}" if r["recipe"] in ref else "-" for ref in (bare, eager)]
@@ -261,8 +328,11 @@ def summary(path: Path) -> str:
         per_step = "-" if syncs is None else f"{sum(syncs.values()) / r['steps']:.2f}"
         if syncs:
             per_step += f" ({', '.join(syncs)})"
+        fed = "-"
+        if "vs_synthetic_same_run" in r:
+            fed = f"{r['vs_synthetic_same_run']:.3f} ({r['loader_cores']} + {r['trainer_process_cores']})"
         lines.append(f"| {r['recipe']} | {r['loop']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | {ratios[0]} "
-                     f"| {ratios[1]} | {mfu} | {per_step} |")  # fmt: skip
+                     f"| {ratios[1]} | {mfu} | {per_step} | {fed} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -276,7 +346,14 @@ def main() -> int:
         default="none",
         help="the trainer's train.compile; both: eager and compiled in alternating rounds, with their ratio",
     )
-    p.add_argument("--round", type=int, default=5, help="timed steps per round with --compile both")
+    p.add_argument("--round", type=int, default=5, help="timed steps per round (--compile both, --feed)")
+    p.add_argument(
+        "--feed",
+        type=Path,
+        metavar="SHARDS",
+        help="trainer: also feed the same engine from these shards through the recipe's loader (data.* from "
+        "--set), in alternating rounds with the synthetic batches; prints its speed as a ratio of theirs",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides of the recipe")
     p.add_argument("--batch", type=int, default=32, help="images per step (one rank, no accumulation)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
