@@ -80,10 +80,9 @@ def shard_jpegs(dataset: Path) -> list[tuple[str, bytes, int]]:
     return out
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process plus its live children (the loader workers), from /proc."""
-    total = time.process_time()
-    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+def children_cpu_seconds() -> float:
+    """CPU time of this process's live child processes (loader workers, readers, decoders), from /proc."""
+    total, me, tick = 0.0, os.getpid(), os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
@@ -92,6 +91,11 @@ def cpu_seconds() -> float:
         if int(fields[1]) == me:
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its live children."""
+    return time.process_time() + children_cpu_seconds()
 
 
 @dataclasses.dataclass

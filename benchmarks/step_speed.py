@@ -53,6 +53,9 @@ from pretrain.train.loop import Hooks, Trainer, loss_fn
 from pretrain.train.run_log import RunLog, peak_flops, vit_forward_flops
 from pretrain.zero.engine import build_engine, build_model_for, deepspeed_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader_speed import children_cpu_seconds  # noqa: E402  (next to this script)
+
 SMOKE = ["model.depth=2", "model.width=64", "model.heads=2", "model.mlp_dim=128", "model.representation_size=null"]
 TIMM_NAMES = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224", "vit_h14": "vit_huge_patch14_224"}
 
@@ -165,19 +168,6 @@ def shard_loader(cfg, args, rank: int, world: int) -> LiveLoader:
     cfg.data.path = str(args.feed)
     return LiveLoader(build_train_loader(cfg.data, img_size=cfg.model.img_size, global_batch=args.batch * world,
                                          rank=rank, world_size=world, seed=0))  # fmt: skip
-
-
-def children_cpu_seconds() -> float:
-    """CPU time of this process's live child processes (the loader's readers and decoders), from /proc."""
-    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        if int(fields[1]) == me:
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return total
 
 
 def fit_seconds(trainer: Trainer, start: int, steps: int, device: torch.device) -> float:
