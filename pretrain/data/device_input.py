@@ -49,6 +49,7 @@ class DeviceInput:
         self.num_classes, self.img_size = num_classes, img_size
         # What the device decoder could not decode (data.decode: gpu), counted as the loaders count theirs.
         self.counters: collections.Counter = collections.Counter()
+        self._affines: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def images(self, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """uint8 (B, H, W, 3) or (B, 3, H, W) on any device -> normalised float32 (B, 3, H, W) on `device`."""
@@ -59,9 +60,16 @@ class DeviceInput:
             pixels = pixels.permute(0, 3, 1, 2)  # a view: the copy below changes layout and type in one pass
         out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
         out.copy_(pixels)
-        m = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1).to(out.device, non_blocking=True)
-        s = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1).to(out.device, non_blocking=True)
-        return out.mul_(1.0 / (255.0 * s)).sub_(m / s)
+        scale, shift = self._affine(out.device)
+        return out.mul_(scale).sub_(shift)
+
+    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 / (255 std), mean / std) per channel on `device`, made once: no copy from the host per batch."""
+        if device not in self._affines:
+            m = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+            s = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+            self._affines[device] = ((1.0 / (255.0 * s)).to(device), (m / s).to(device))
+        return self._affines[device]
 
     def __call__(self, batch: HostBatch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch -> (normalised images, targets) on `device`, Mixup applied."""
