@@ -48,6 +48,12 @@ def split_into_pieces(items: list) -> list[list]:
     return [items[i : i + PIECE] for i in range(0, len(items), PIECE)]
 
 
+def nearest_good(i: int, good: list[int]) -> int:
+    """The sample that stands in for undecodable sample i of a batch or piece: the nearest
+    earlier one in `good` (ascending), else the nearest later one."""
+    return max((g for g in good if g < i), default=min(good))
+
+
 def _reader_main(read: Read, reader: int, readers: int, permits, tasks, results, stop) -> None:
     torch.set_num_threads(1)
     try:

@@ -34,6 +34,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pretrain.data import transforms as T
+from pretrain.data.decode_pool import nearest_good
 from sharding.stream import StreamError
 from vitscale_common.errors import UserError
 
@@ -143,7 +144,7 @@ def decode_crops(
     for i in (i for i, image in enumerate(images) if image is None):
         if not good:
             raise StreamError(f"no JPEG of a batch of {len(batch)} decodes")
-        j = max((g for g in good if g < i), default=min(good))
+        j = nearest_good(i, good)
         out[i] = out[j]
         counts["decode_error"] = counts.get("decode_error", 0) + 1
         counts["substituted"] = counts.get("substituted", 0) + 1

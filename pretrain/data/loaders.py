@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import sharding
 from pretrain.data import transforms as T
-from pretrain.data.decode_pool import ReaderDecoderPool, StepWork, split_into_pieces
+from pretrain.data.decode_pool import ReaderDecoderPool, StepWork, nearest_good, split_into_pieces
 from pretrain.data.device_input import DeviceInput, HostBatch
 from pretrain.data.gpu_decode import CropPlan, JpegBatch, check_gpu_decode_config, plan_crop
 from sharding import format as fmt
@@ -195,8 +195,7 @@ class SampleDecoder:
         for i, e in failed.items():
             if not good:
                 raise StreamError(f"sample {piece[i].name}: {e}; no other sample of its batch piece decodes either")
-            j = max((g for g in good if g < i), default=None)
-            j = j if j is not None else min(good)
+            j = nearest_good(i, good)
             pixels[i] = self.pixels(dataclasses.replace(piece[j], key=piece[i].key))
             counters["decode_error"] += 1
             counters["substituted"] += 1
